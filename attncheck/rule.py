@@ -1,0 +1,215 @@
+"""The pass/fail rule (DESIGN.md "Pass/fail rule"), in one place.
+
+Reference = float64. Budget = the error of the same math in the input dtype ("pt"), stored
+per row in the golden. A backend passes when all of these hold:
+
+1. the output has the expected shape and dtype;
+2. NaN/Inf positions match the reference's (the reference output is finite everywhere);
+3. per row (token, head): ``max_d |o - ref| <= k * pt_err_row + 2 * round_row``
+   (k = 2; 3 with softcap/ALiBi; 4 with fp8);
+4. ``mean |o - ref| <= k_mean * mean |pt - ref|`` (k_mean = 1.5; 3 with fp8);
+5. LSE, where the backend returns one: -inf exactly where the reference has -inf, and per row
+   ``|lse - ref| <= max(k * lse_pt_err, 1e-5 + 1e-5 |ref|)``;
+6. cache writes bit-exact (checked by ``compare_cache``).
+
+Cosine distance and relative L2 are reported as diagnostics, never as the gate. A global
+max-abs rule missed localized bugs in calibration; the per-row rule is what catches a dropped
+last key or one wrong page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+LSE_ABS_FLOOR = 1e-5
+LSE_REL_FLOOR = 1e-5
+WORST_ROWS = 5
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+@dataclass
+class RuleResult:
+    passed: bool
+    checks: list = field(default_factory=list)
+    worst_ratio: float = 0.0  # max over rows of error / budget (> 1 fails)
+    mean_ratio: float = 0.0
+    diagnostics: dict = field(default_factory=dict)
+    failing_rows: list = field(default_factory=list)  # dicts, worst first
+
+    def summary(self) -> str:
+        lines = []
+        for c in self.checks:
+            mark = "ok  " if c.passed else "FAIL"
+            lines.append(f"  [{mark}] {c.name}" + (f": {c.detail}" if c.detail else ""))
+        if self.diagnostics:
+            diag = ", ".join(f"{k} {v:.3g}" for k, v in self.diagnostics.items())
+            lines.append(f"  diagnostics (not gating): {diag}")
+        return "\n".join(lines)
+
+
+def rounding_step_rows(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per row, max over the head dim of the rounding step at the reference's magnitude in
+    ``dtype``: |(r + 0.3) - 0.3 - r| evaluated in that dtype (FA3's trick)."""
+    r = ref.to(dtype)
+    step = ((r + 0.3) - 0.3 - r).abs().to(torch.float64)
+    return step.amax(dim=-1)
+
+
+def _describe_row(locate: Optional[Callable], token: int, head: int) -> str:
+    if locate is None:
+        return f"token {token}, head {head}"
+    where = locate(token)
+    blocks = where.get("kv_blocks", [])
+    blk = ", ".join(str(x) for x in blocks[:6]) + (", ..." if len(blocks) > 6 else "")
+    lo, hi = where.get("kv_range", (None, None))
+    return (f"sequence {where['sequence']}, token {where['position']} of {where['seq_len']} "
+            f"(row {token}), head {head}, keys {lo}..{hi} in KV blocks [{blk}]")
+
+
+def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean: float,
+                   model_dtype: torch.dtype, lse: Optional[torch.Tensor] = None,
+                   locate: Optional[Callable] = None) -> RuleResult:
+    """Compare a backend's output (and LSE) with the golden's expected values and budgets."""
+    ref = expected["expected.output"].to(torch.float64)
+    pt_row = expected["budget.pt_err_row"].to(torch.float64)
+    round_row = expected["budget.round_row"].to(torch.float64)
+    pt_mean = float(expected["budget.pt_err_mean"])
+    checks: list = []
+    result = RuleResult(passed=False, checks=checks)
+
+    ok_shape = tuple(output.shape) == tuple(ref.shape)
+    checks.append(Check("shape", ok_shape, "" if ok_shape else f"got {tuple(output.shape)}, expected {tuple(ref.shape)}"))
+    ok_dtype = output.dtype == model_dtype
+    checks.append(Check("dtype", ok_dtype, "" if ok_dtype else f"got {output.dtype}, expected {model_dtype}"))
+    if not ok_shape:
+        return result
+    o = output.detach().to("cpu", torch.float64)
+
+    nonfinite = ~torch.isfinite(o)
+    if bool(nonfinite.any()):
+        idx = nonfinite.nonzero()
+        rows = sorted({(int(t), int(h)) for t, h, _ in idx.tolist()})
+        shown = "; ".join(_describe_row(locate, t, h) for t, h in rows[:WORST_ROWS])
+        checks.append(Check("finite", False, f"{len(rows)} rows hold NaN/Inf where the reference is finite: {shown}"))
+        o = torch.where(nonfinite, torch.zeros_like(o), o)
+    else:
+        checks.append(Check("finite", True))
+
+    err = (o - ref).abs()
+    err_row = err.amax(dim=-1)  # [T, H]
+    budget_row = k_row * pt_row + 2.0 * round_row
+    ratio = torch.where(budget_row > 0, err_row / budget_row,
+                        torch.where(err_row > 0, torch.full_like(err_row, float("inf")), torch.zeros_like(err_row)))
+    result.worst_ratio = float(ratio.max()) if ratio.numel() else 0.0
+    bad = ratio > 1.0
+    if bool(bad.any()):
+        flat = ratio.flatten()
+        order = torch.argsort(flat, descending=True)
+        H = ratio.shape[1]
+        rows = []
+        for i in order[: min(WORST_ROWS, int(bad.sum()))].tolist():
+            t, h = divmod(i, H)
+            rows.append({"token": t, "head": h, "error": float(err_row[t, h]), "budget": float(budget_row[t, h]),
+                         "ratio": float(ratio[t, h]), "where": _describe_row(locate, t, h)})
+        result.failing_rows = rows
+        shown = "\n".join(f"      {r['where']}: error {r['error']:.3e}, budget {r['budget']:.3e}, ratio {r['ratio']:.2f}"
+                          for r in rows)
+        checks.append(Check(f"per-row (k={k_row:g})", False,
+                            f"{int(bad.sum())} of {bad.numel()} rows over budget; worst:\n{shown}"))
+    else:
+        checks.append(Check(f"per-row (k={k_row:g})", True, f"worst ratio {result.worst_ratio:.3f}"))
+
+    mean_err = float(err.mean())
+    mean_budget = k_mean * pt_mean
+    result.mean_ratio = mean_err / mean_budget if mean_budget > 0 else (0.0 if mean_err == 0 else float("inf"))
+    checks.append(Check(f"mean (k={k_mean:g})", result.mean_ratio <= 1.0,
+                        f"mean error {mean_err:.3e}, budget {mean_budget:.3e}, ratio {result.mean_ratio:.3f}"))
+
+    if lse is not None and "expected.lse" in expected:
+        checks.append(_compare_lse(lse, expected, k_row, locate))
+
+    num = float((o * ref).sum())
+    den = float((o * o).sum() + (ref * ref).sum())
+    result.diagnostics = {
+        "cos_distance": (1.0 - 2.0 * num / den) if den > 0 else 0.0,
+        "rel_l2": float((o - ref).norm() / ref.norm()) if float(ref.norm()) > 0 else float((o - ref).norm()),
+        "max_abs": float(err.max()) if err.numel() else 0.0,
+    }
+    result.passed = all(c.passed for c in checks)
+    return result
+
+
+def _compare_lse(lse: torch.Tensor, expected: dict, k: float, locate) -> Check:
+    ref = expected["expected.lse"].to(torch.float64)
+    if tuple(lse.shape) != tuple(ref.shape):
+        return Check("lse", False, f"shape {tuple(lse.shape)}, expected {tuple(ref.shape)} ([heads, tokens])")
+    got = lse.detach().to("cpu", torch.float64)
+    pt = expected["budget.lse_pt_err"].to(torch.float64)
+    if bool(torch.isnan(got).any()):
+        h, t = got.isnan().nonzero()[0].tolist()
+        return Check("lse", False, f"NaN LSE at {_describe_row(locate, t, h)}")
+    ref_inf, got_inf = torch.isneginf(ref), torch.isneginf(got)
+    if bool(torch.isposinf(got).any()):
+        h, t = torch.isposinf(got).nonzero()[0].tolist()
+        return Check("lse", False, f"+inf LSE (empty rows must be -inf) at {_describe_row(locate, t, h)}")
+    if not torch.equal(ref_inf, got_inf):
+        h, t = (ref_inf ^ got_inf).nonzero()[0].tolist()
+        return Check("lse", False, f"-inf pattern differs (reference {float(ref[h, t])}, got {float(got[h, t])}) "
+                                   f"at {_describe_row(locate, t, h)}")
+    fin = ~ref_inf
+    diff = torch.where(fin, (got - ref).abs(), torch.zeros_like(ref))
+    budget = torch.maximum(k * pt, LSE_ABS_FLOOR + LSE_REL_FLOOR * ref.abs().nan_to_num(0.0, 0.0, 0.0))
+    bad = (diff > budget) & fin
+    if bool(bad.any()):
+        ratio = torch.where(fin, diff / budget, torch.zeros_like(diff))
+        h, t = divmod(int(torch.argmax(ratio)), ratio.shape[1])
+        return Check("lse", False, f"{int(bad.sum())} LSE rows over budget; worst {_describe_row(locate, t, h)}: "
+                                   f"got {float(got[h, t]):.6f}, reference {float(ref[h, t]):.6f}")
+    return Check("lse", True)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern view so that NaN == NaN and -0 != +0 (exact comparison)."""
+    size = t.element_size()
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+
+
+def compare_cache(name: str, before: torch.Tensor, after: torch.Tensor, slot_mapping: torch.Tensor,
+                  expected_slots: torch.Tensor) -> Check:
+    """Cache writes are exact: the new tokens' slots hold exactly the expected bytes and
+    every other slot is untouched."""
+    after = after.detach().cpu()
+    if after.dtype != before.dtype or after.shape != before.shape:
+        return Check(f"{name} write", False, f"cache changed dtype/shape to {after.dtype} {tuple(after.shape)}")
+    tail = tuple(before.shape[2:])
+    flat_after = _bits(after).reshape(-1, *tail)
+    flat_before = _bits(before).reshape(-1, *tail)
+    slots = slot_mapping.cpu().long()
+    got = flat_after[slots]
+    want = _bits(expected_slots.cpu())
+    if not torch.equal(got, want):
+        mism = (got != want).reshape(got.shape[0], -1).any(dim=1).nonzero().flatten()
+        t = int(mism[0])
+        bs = before.shape[1]
+        slot = int(slots[t])
+        return Check(f"{name} write", False,
+                     f"{len(mism)} new tokens written wrongly; first: token row {t} -> slot {slot} "
+                     f"(block {slot // bs}, offset {slot % bs})")
+    untouched = torch.ones(flat_before.shape[0], dtype=torch.bool)
+    untouched[slots] = False
+    if not torch.equal(flat_after[untouched], flat_before[untouched]):
+        changed = (flat_after[untouched] != flat_before[untouched]).reshape(int(untouched.sum()), -1).any(dim=1)
+        slot = int(untouched.nonzero().flatten()[changed.nonzero().flatten()[0]])
+        bs = before.shape[1]
+        return Check(f"{name} write", False,
+                     f"slot {slot} (block {slot // bs}, offset {slot % bs}) changed but no new token maps to it")
+    return Check(f"{name} write", True)

@@ -1,0 +1,51 @@
+"""Every backend x every golden case of the selected tier, judged by attncheck.rule.
+
+Parametrized from golden/MANIFEST.json (sorted), so xdist workers collect the same list.
+Unsupported pairs are skipped with the capability named; a declared known issue is an xfail
+with its reason; anything else that is not a pass fails with the localized report.
+"""
+
+import json
+
+import pytest
+
+from attncheck import backends, cases, golden, harness
+
+
+def _case_names(tier: str) -> list:
+    if tier in cases.STORED_TIERS:
+        manifest = json.loads((golden.golden_dir() / golden.MANIFEST_NAME).read_text())
+        return [n for n, e in manifest["cases"].items() if e["tier"] == tier and e["kind"] in ("MHA", "MLA")]
+    return [c.name for c in cases.select_cases(tier=tier) if c.kind in ("MHA", "MLA")]
+
+
+def pytest_generate_tests(metafunc):
+    if "backend_case" not in metafunc.fixturenames:
+        return
+    cfg = metafunc.config
+    tier = cfg.attncheck["tier"]
+    chosen = cfg.getoption("--backend") or backends.names()
+    params = []
+    for name in chosen:
+        for case in sorted(_case_names(tier)):
+            params.append(pytest.param((name, case), id=f"{name}::{case}",
+                                       marks=[getattr(pytest.mark, tier)]))
+    metafunc.parametrize("backend_case", params)
+
+
+def test_backend_on_golden(backend_case, device, record_property):
+    name, case = backend_case
+    try:
+        backend = backends.get_backend(name)
+    except (backends.UnknownBackendError, backends.PluginError) as e:
+        record_property("attncheck", json.dumps({"backend": name, "case": case, "status": "error",
+                                                 "reason": str(e), "family": cases.get_case(case).family}))
+        pytest.fail(f"backend {name} could not be loaded: {e}")
+    v = harness.run_backend(backend, case, device=device)
+    record_property("attncheck", json.dumps(v.as_dict()))
+    if v.status == "skip":
+        pytest.skip(v.reason)
+    if v.status == "xfail":
+        pytest.xfail(v.reason)
+    if v.status != "pass":
+        pytest.fail(f"{v.reason}\n{v.report}", pytrace=False)
