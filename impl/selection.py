@@ -39,6 +39,7 @@ Choices this module makes where DESIGN.md is silent (documented in docs/selectio
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -205,6 +206,7 @@ def _edit_distance(a: str, b: str) -> int:
     return prev[len(b)]
 
 
+@functools.lru_cache(maxsize=1024)  # pure; the matrix test asks many times
 def near_miss(name: str) -> Optional[str]:
     """The selection variable an unknown VLLM_* name was probably meant to be, or None."""
     upper = name.upper()
@@ -225,6 +227,7 @@ def near_miss(name: str) -> Optional[str]:
     return None if best is None else best[1]
 
 
+@functools.lru_cache(maxsize=1024)
 def closest_backend(name: str) -> str:
     return difflib.get_close_matches(name.upper(), VALID_BACKENDS, n=1, cutoff=0.0)[0]
 
