@@ -85,9 +85,10 @@ def _platform_note(platform, arch: str) -> Optional[str]:
     if platform.arch_source in ("argument", "ATTNCHECK_ARCH"):
         if platform.on_rocm:
             return f"evaluating for {arch} ({platform.arch_source}), not the detected GPU"
-        return (f"not on ROCm ({platform.describe()}): evaluating vLLM's ROCm policy "
-                f"for {arch} (from {'--arch' if platform.arch_source == 'argument' else 'ATTNCHECK_ARCH'})")
-    return (f"not on ROCm ({platform.describe()}): evaluating vLLM's ROCm policy for {arch} "
+        origin = "--arch" if platform.arch_source == "argument" else "ATTNCHECK_ARCH"
+        return (f"not on ROCm ({platform.describe(with_arch=False)}): evaluating vLLM's ROCm "
+                f"policy for {arch} (from {origin})")
+    return (f"not on ROCm ({platform.describe(with_arch=False)}): evaluating vLLM's ROCm policy for {arch} "
             "(the default; pass --arch to choose another)")
 
 

@@ -128,7 +128,7 @@ class Platform:
             return fp8_flavour(self.arch)
         return fp8_flavour(None, "nvidia" if self.on_cuda else "cpu")
 
-    def describe(self) -> str:
+    def describe(self, with_arch: bool = True) -> str:
         if self.on_rocm:
             what = f"ROCm (HIP {self.hip_version})"
         elif self.on_cuda:
@@ -137,7 +137,7 @@ class Platform:
             what = "CPU only"
         if self.device_name:
             what += f", {self.device_name}"
-        if self.arch is not None:
+        if with_arch and self.arch is not None:
             what += f", arch {self.arch} ({self.arch_source})"
         return what
 

@@ -506,7 +506,7 @@ def _block_size(name: str, kind: str, block_size: Optional[int], trace: _Trace) 
     if block_size is None:
         eff, source = PREFERRED_BLOCK_SIZE.get(name, DEFAULT_BLOCK_SIZE), "default"
         why = (f"{name} prefers {eff}" if name in PREFERRED_BLOCK_SIZE
-               else f"vLLM's default {DEFAULT_BLOCK_SIZE}")
+               else "vLLM's default")
         trace.add("BLOCK", f"no block size given: {eff} ({why})")
     else:
         eff, source = block_size, "user"
