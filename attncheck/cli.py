@@ -63,7 +63,7 @@ def cmd_verify(args) -> int:
         print(f"attncheck verify: {suite} not found; run from an attncheck checkout (pip install -e .)",
               file=sys.stderr)
         return 2
-    pargs = [str(suite), "-p", "no:cacheprovider", "--rootdir", str(REPO), "-q",
+    pargs = [str(suite), "-p", "no:cacheprovider", "-p", "no:benchmark", "--rootdir", str(REPO), "-q",
              "--device", device, "--tier", tier, "-o", "addopts=", "--tb=no", "-rN"]
     if args.backend:
         pargs += ["--backend", *args.backend]

@@ -300,9 +300,10 @@ def _diff_line(name: str, old_entry: Optional[dict], new_entry: dict, old_path: 
     return f"  changed    {name}: {detail}{extra}"
 
 
-def regen(names: Optional[Iterable[str]] = None, root: Optional[Path] = None, out=sys.stdout,
+def regen(names: Optional[Iterable[str]] = None, root: Optional[Path] = None, out=None,
           check_only: bool = False) -> int:
     """Regenerate stored goldens. Returns the number of cases that changed."""
+    out = out or sys.stdout
     if os.environ.get("PYTEST_XDIST_WORKER"):
         raise GoldenError("golden regen must run in a single process, not inside a pytest-xdist worker")
     from filelock import FileLock

@@ -103,7 +103,7 @@ def run_backend(backend, case, device="cpu", tensors: Optional[dict] = None) -> 
             return v
         missing = backend.capabilities.unsupported(case.params())
         if missing:
-            v.reason = f"{backend.name}: {missing}"
+            v.reason = missing
             return v
         if tensors is None:
             tensors = golden_tensors(case, dev)
