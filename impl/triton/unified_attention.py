@@ -109,7 +109,10 @@ def _attend(acc, m_i, l_i, q, j_lo, j_hi,
                 vis = vis & ((qpos[:, None] - kpos[None, :]) < window)
             s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED:  # a row may have seen no key yet: keep exp2(-inf - -inf) out
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            shift = m_new
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -138,7 +141,9 @@ def _unified_kernel(
         NUM_SEGMENTS: tl.constexpr, SPLIT: tl.constexpr,
         CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
         USE_SINKS: tl.constexpr, IS_FP8: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_q = tl.program_id(0)
+    # Last query blocks first: under causal masking they are the longest, so the tail of the
+    # launch is made of short programs (better load balance).
+    pid_q = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     seg = tl.program_id(2)
     seq = _find_seq(qsl_ptr, num_seqs, pid_q, BLOCK_Q)
