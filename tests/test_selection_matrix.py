@@ -840,7 +840,7 @@ def _smoke_candidates(kind: str, block_size: int, list_cases) -> list:
 
 
 def _verdict_for(backend_name: str, kind: str, block_size: int, device: str):
-    """("pass"|"fail"|"skip", text), computed once per backend."""
+    """("pass"|"fail"|"xfail"|"skip", text), computed once per backend."""
     key = (backend_name, kind, block_size, device)
     if key in _VERDICTS:
         return _VERDICTS[key]
@@ -862,21 +862,33 @@ def _verdict_for(backend_name: str, kind: str, block_size: int, device: str):
     if not avail.ok:
         result = ("skip", f"{backend_name} cannot run on {device}: {avail.reason}")
     else:
-        result = None
-        skipped = []
-        for case in _smoke_candidates(kind, block_size, harness.list_cases):
-            v = harness.run_backend(backend, case, device=device)
-            if v.status == "skip":
-                skipped.append(f"{case}: {v.reason}")
-                continue
-            text = f"{backend_name} on {case} ({device}): {v.status} {v.reason}\n{v.report}"
-            result = ("pass" if v.status == "pass" else "fail", text)
-            break
-        if result is None:
-            result = ("skip", f"{backend_name}: no smoke {kind} case it can run: "
-                      + ("; ".join(skipped[:5]) or "the catalogue has none"))
+        result = _first_judged_case(backend, backend_name, kind, block_size, device, harness)
     _VERDICTS[key] = result
     return result
+
+
+MAX_CASES_TRIED = 6
+
+
+def _first_judged_case(backend, backend_name, kind, block_size, device, harness):
+    """Run the plainest smoke cases until one is judged pass/fail/error.
+
+    A case the backend cannot take (skip) or a declared known issue (xfail) moves on to the
+    next case: the point is one case that the selected backend is expected to pass.
+    """
+    passed_over = []
+    for case in _smoke_candidates(kind, block_size, harness.list_cases)[:MAX_CASES_TRIED]:
+        v = harness.run_backend(backend, case, device=device)
+        if v.status in ("skip", "xfail"):
+            passed_over.append((v.status, f"{case}: {v.reason}"))
+            continue
+        text = f"{backend_name} on {case} ({device}): {v.status} {v.reason}\n{v.report}"
+        return ("pass" if v.status == "pass" else "fail", text)
+    if any(status == "xfail" for status, _ in passed_over):
+        return ("xfail", f"{backend_name}: every case tried is a declared known issue here: "
+                + "; ".join(t for _, t in passed_over[:3]))
+    return ("skip", f"{backend_name}: no smoke {kind} case it can run: "
+            + ("; ".join(t for _, t in passed_over[:5]) or "the catalogue has none"))
 
 
 @pytest.mark.parametrize("row", SEED_ROWS, ids=lambda r: r.id)
@@ -886,4 +898,6 @@ def test_seed_selection_runs_a_smoke_golden(row, device):
     status, text = _verdict_for(sel.backend, sel.kind, sel.block_size, device)
     if status == "skip":
         pytest.skip(text)
+    if status == "xfail":
+        pytest.xfail(text)
     assert status == "pass", f"{row.id} selects {sel.backend}:\n{text}"
