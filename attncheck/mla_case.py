@@ -295,8 +295,8 @@ MINI = dict(kv_lora_rank=128, rope_dim=64, nope_dim=64, v_dim=64)
 KV8 = 0.75  # fp8 latents times 3/4 are exact in bf16/fp16 (at most 6 significant bits)
 
 MLA_CASES = [
-    # ---- smoke (CPU interpreter): DeepSeek-V3 dims at TP8 / TP16 ------------------------------
-    C("mla-mixed-h16-bs16-bf16", (33, 50, 24), (1, 7, 24), num_heads=16, family="mixed", seed=300),
+    # ---- smoke (CPU interpreter): DeepSeek-V3 dims at TP16 (8 heads per rank) ------------------
+    C("mla-mixed-h8-bs16-bf16", (33, 50, 24), (1, 7, 24), num_heads=8, family="mixed", seed=300),
     C("mla-mixed-h8-bs16-bf16-fp8e4m3fn", (40, 33, 10), (1, 6, 10), num_heads=8,
       kv_cache_dtype="fp8_e4m3fn", kv_scale=KV8, family="fp8", seed=301),
     # ---- smoke: mini dims -------------------------------------------------------------------------
@@ -320,18 +320,16 @@ MLA_CASES = [
     C("mla-unordered-h8-mini-bs16-bf16", (20, 30, 25), (20, 1, 5), num_heads=8, unordered=True,
       family="order", seed=310, **MINI),
 
-    # ---- full (GPU, stored): DeepSeek-V3 dims ------------------------------------------------------
-    C("full-mla-mixed-h16-bs16-bf16", (1025, 333, 260, 96), (1, 1, 40, 96), num_heads=16, tier="full",
-      family="mixed", seed=400),
-    C("full-mla-mixed-h8-bs64-fp16", (700, 300, 130), (1, 33, 130), num_heads=8, block_size=64,
-      dtype="fp16", tier="full", family="block_size", seed=401),
-    C("full-mla-specdecode-h8-bs16-bf16-q8", (512, 300, 77, 1024), (8, 8, 8, 8), num_heads=8, tier="full",
-      family="spec_decode", seed=402),
+    # ---- full (GPU, stored): DeepSeek-V3 dims at TP8 / TP16 (goldens kept to a few MB each) ---
+    C("full-mla-mixed-h16-bs64-fp16", (513, 200, 64), (1, 1, 64), num_heads=16, block_size=64,
+      dtype="fp16", tier="full", family="mixed", seed=400),
+    C("full-mla-specdecode-h8-bs16-bf16-q8", (300, 77, 512), (8, 8, 8), num_heads=8, tier="full",
+      family="spec_decode", seed=401),
     C("full-mla-extend-h8-bs16-bf16-fp8e4m3fn-chunks", (1, 900, 500), (1, 30, 20), num_heads=8,
       kv_cache_dtype="fp8_e4m3fn", kv_scale=KV8, context_chunk_tokens=128, tier="full",
-      family="chunked", seed=403),
-    C("full-mla-decode-h16-bs1-bf16", (257, 1000, 33), (1, 1, 1), num_heads=16, block_size=1, tier="full",
-      family="block_size", seed=404),
+      family="chunked", seed=402),
+    C("full-mla-decode-h8-bs1-bf16", (257, 600, 33), (1, 1, 1), num_heads=8, block_size=1, tier="full",
+      family="block_size", seed=403),
 
     # ---- large (GPU, generated live from the seed; never stored) --------------------------------
     C("large-mla-extend-h16-bs16-bf16-3616over20000", (23616,), (3616,), num_heads=16, tier="large",
