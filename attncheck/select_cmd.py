@@ -88,8 +88,8 @@ def _platform_note(platform, arch: str) -> Optional[str]:
         origin = "--arch" if platform.arch_source == "argument" else "ATTNCHECK_ARCH"
         return (f"not on ROCm ({platform.describe(with_arch=False)}): evaluating vLLM's ROCm "
                 f"policy for {arch} (from {origin})")
-    return (f"not on ROCm ({platform.describe(with_arch=False)}): evaluating vLLM's ROCm policy for {arch} "
-            "(the default; pass --arch to choose another)")
+    return (f"not on ROCm ({platform.describe(with_arch=False)}): evaluating vLLM's ROCm "
+            f"policy for {arch} (the default; pass --arch to choose another)")
 
 
 def _fail(message: str) -> int:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from impl.platform import GFX9_ARCHS, PlatformError, fp8_flavour, normalize_arch

@@ -19,14 +19,14 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
 from impl import selection
-from impl.selection import (MHA_BACKENDS, MLA_BACKENDS, SELECTION_FLAGS, VALID_BACKENDS,
+from impl.selection import (MLA_BACKENDS, SELECTION_FLAGS, VALID_BACKENDS,
                             SelectionError, select_backend)
 
 pytestmark = pytest.mark.smoke
