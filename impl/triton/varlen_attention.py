@@ -204,6 +204,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"block_m/block_n: powers of two >= 16 required, got {bm}/{bn}")
     grid = (triton.cdiv(max(max_seqlen_q, 1), bm), num_seqs, H)
+    block_dv = max(16, triton.next_power_of_2(Dv))
+    # wide heads (192 split 128 + 64, V padded to 192 -> 256): 8 warps keep the fp32 accumulator
+    # [BLOCK_M, BLOCK_DV] in registers without spilling
+    warps = 8 if max(da + db, block_dv) > 128 and bm >= 64 else 4
     _varlen_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         float(scale) * _LOG2E,
@@ -211,10 +215,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out.stride(0), out.stride(1), lse.stride(0),
         GROUP=H // Hkv, DQK=Dqk, DV=Dv,
         BLOCK_DA=da, BLOCK_DB=db if db else 16, HAS_DB=db > 0,
-        BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+        BLOCK_DV=block_dv,
         CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         PRESCALE_Q=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=warps, num_stages=2,
     )
     return out, lse

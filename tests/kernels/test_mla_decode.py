@@ -135,3 +135,15 @@ def test_bad_inputs_name_the_argument():
         md.mla_decode(q.float(), cache, table, kv_lens, scale=0.1, kv_lora_rank=64)
     with pytest.raises(ValueError, match="scale"):
         md.mla_decode(q, cache, table, kv_lens, scale=float("nan"), kv_lora_rank=64)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+def test_bench_rows_run_and_agree_small():
+    # the `attncheck bench` MLA rows at toy size: both decode kernels see the same cache and agree
+    from impl.backends import mla_bench
+
+    rows = mla_bench.rows(DEV, batch=2, context=40, heads=16, num_splits=2)
+    assert [r[0].split(",")[0] for r in rows] == [mla_bench.OWN_LABEL, mla_bench.AITER_LABEL]
+    assert rows[0][2] == 2 * 40 * 576 * 2
+    own, aiter = (fn().float().cpu() for _, fn, _ in rows)
+    assert torch.isfinite(own).all() and (own - aiter).abs().max() < 2e-2
