@@ -14,9 +14,9 @@ for each one, what breaks without it). The loading is process-wide and happens o
 first ``load()`` decides the mode from ``TRITON_INTERPRET`` and the visible GPU.
 
 Deliberately NOT patched: the rank-0 ``x[:, None]`` indexing that Triton >= 3.9 rejects in
-``pa_decode``'s MHA kernels. This project does not run ``pa_decode`` (decode off ROCm goes
-through ``unified_attention``, see impl/backends/rocm_aiter_fa.py), so the patch would be
-dead code. Interpreter arithmetic defects (bf16, fp32->fp8 casts) are handled only by
+``pa_decode``'s MHA (no-dot) kernels. This project runs ``pa_decode`` only for grouped
+heads (its dot kernels); ungrouped MHA decodes go through ``unified_attention`` (see
+impl/backends/rocm_aiter_fa.py), so the patch would be dead code. Interpreter arithmetic defects (bf16, fp32->fp8 casts) are handled only by
 ``impl.triton.compat.install()``, which ``load()`` calls in interpreter mode.
 """
 

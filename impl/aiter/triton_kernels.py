@@ -174,3 +174,35 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_s
         return res, None
     out, lse = res
     return out, normalize_lse(lse, empty_rows(q_lens, k_lens, causal))
+
+
+# ---- paged decode (AITER Triton pa_decode) ------------------------------------------------------
+
+_TL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor, *,
+                 seq_lens: torch.Tensor, block_table: torch.Tensor, max_seq_len: int, scale: float,
+                 k_scale=1.0, v_scale=1.0) -> torch.Tensor:
+    """One query per sequence (``q [B, Hq, D]``) over the NHD cache, through AITER's Triton
+    ``pa_decode``. The kernel wants HND ``[num_blocks, Hkv, block_size, D]``: a permuted view
+    of the NHD cache (no copy). No sliding window, softcap or sinks in this kernel."""
+    import triton.language as tl
+
+    _need(isinstance(q, torch.Tensor) and q.dim() == 3 and q.dtype in _TL_DTYPES,
+          f"q: expected float16/bfloat16/float32 [B, Hq, D], got {tuple(getattr(q, 'shape', ()))}")
+    B, Hq, D = q.shape
+    for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
+        _need(isinstance(c, torch.Tensor) and c.dim() == 4 and c.shape[3] == D and c.stride(3) == 1,
+              f"{name}: expected NHD [num_blocks, block_size, Hkv, {D}] with a contiguous last dim")
+    _need(Hq % key_cache.shape[2] == 0, "key_cache: kv heads must divide query heads")
+    _check_index("seq_lens", seq_lens, 1, B)
+    _check_index("block_table", block_table, 2, B)
+    _need(out.shape == q.shape and out.dtype == q.dtype, f"out: expected {q.dtype} {tuple(q.shape)}")
+    pa = loader.triton_module("pa_decode")
+    pa.paged_attention_decode(
+        output=out, query=q, key_cache=key_cache.permute(0, 2, 1, 3), value_cache=value_cache.permute(0, 2, 1, 3),
+        seq_lens=seq_lens, block_tables=block_table, attn_scale=float(scale), max_seq_len=int(max_seq_len),
+        compute_type=getattr(tl, _TL_DTYPES[q.dtype]), k_scale=_descale("k_scale", k_scale, q.device),
+        v_scale=_descale("v_scale", v_scale, q.device))
+    return out

@@ -15,10 +15,13 @@
 5. Extend rows with a sliding window W: no chunking; gather the last ``min(seq_len, q_len + W)``
    tokens of each request (new tokens are already in the cache) and run one windowed causal
    attention over them, no merge.
-6. Decode rows: ROCm -> ``torch.ops.aiter.paged_attention_v1`` (NHD), except sliding window or
-   head size < 64, where vLLM uses unified_attention; elsewhere -> AITER's Triton
-   ``unified_attention`` (AITER's Triton ``pa_decode`` needs an HND cache and has no window,
-   softcap or sinks).
+6. Decode rows (one query per sequence): ROCm -> ``torch.ops.aiter.paged_attention_v1``
+   (NHD), except sliding window or head size < 64, where vLLM uses unified_attention;
+   elsewhere -> AITER's Triton ``pa_decode`` (the Triton analogue of paged_attention_v1, over
+   an HND permuted view of the cache), except sliding window (pa_decode has none; vLLM falls
+   back to unified_attention too) and MHA without grouping (pa_decode's no-dot kernels index a
+   rank-0 tensor, which Triton >= 3.9 rejects and the loader does not patch), which go through
+   AITER's Triton ``unified_attention``.
 
 Windowed attention over contiguous varlen K/V (prefill and SW-extend with a window) off ROCm:
 AITER's Triton mha 0.1.7 raises for any window, so the contiguous K/V are viewed as a paged
@@ -134,8 +137,11 @@ def windowed_varlen_attention(q, k, v, *, cu_q, cu_k, max_q, max_k, scale, slidi
 # ---- known issue inherited from AITER's unified_attention ---------------------------------------
 
 def _decode_reads_poisoned_tail(params: dict) -> bool:
-    """Decode rows go through unified_attention's all-decode launch (TILE_SIZE == block_size,
-    tile mask dropped): a decode whose last block is partly unwritten reads it."""
+    """Windowed or ungrouped-MHA decode rows go through unified_attention's all-decode launch
+    (TILE_SIZE == block_size, tile mask dropped): a decode whose last block is partly unwritten
+    reads it."""
+    if not params.get("sliding_window") and params.get("num_heads") != params.get("num_kv_heads"):
+        return False
     bs = params.get("block_size", 16)
     return any(q == 1 and s % bs for q, s in zip(params.get("query_lens", ()), params.get("seq_lens", ())))
 
@@ -146,7 +152,7 @@ class AiterFABackend:
 
     known_issues = (
         KnownIssue(
-            reason="off ROCm, decode rows run unified_attention's all-decode launch: " + TILE_MASK_ISSUE,
+            reason="off ROCm, windowed or ungrouped-MHA decode rows run unified_attention's all-decode launch: " + TILE_MASK_ISSUE,
             issue="attncheck#5 (AITER unified_attention tile mask)", platform="all",
             applies=_decode_reads_poisoned_tail),
     )
@@ -160,8 +166,8 @@ class AiterFABackend:
             fp8_kv=support.fp8_kv_flavours(), returns_lse=False,
             notes=("prefill/extend through AITER Triton mha off ROCm (no softcap, no window: windowed "
                    "calls use unified_attention over a block-size-1 view)",
-                   "decode through AITER Triton unified_attention off ROCm; paged_attention_v1 on ROCm "
-                   "(not verified on this machine)"))
+                   "decode through AITER Triton pa_decode off ROCm (unified_attention for windowed or "
+                   "ungrouped-MHA decodes); paged_attention_v1 on ROCm (not verified on this machine)"))
 
     def availability(self, device):
         return support.availability(device)
@@ -194,28 +200,35 @@ class AiterFABackend:
         return BackendOutput(out, None, info=info)
 
     def _decode(self, batch, out, sp: Split, info: dict) -> None:
+        """Paged decode: one query per sequence (paged_attention_v1 with mtp=1), the last token
+        of each decode row; rows are located through ``decode_query_start_loc``."""
         cu = decode_query_start_loc(_i32(batch.query_start_loc), sp.num_decodes)
         n = cu.numel() - 1
-        q = batch.query[:sp.decode_tokens]
+        last = (cu[1:] - 1).long()
+        q = batch.query[last]
         seq_lens = _i32(batch.seq_lens[:n])
         bt = _i32(batch.block_table[:n])
+        one_each = torch.arange(n + 1, dtype=torch.int32, device=q.device)
         max_k = int(seq_lens.max())
+        o = torch.empty_like(q)
         if _on_rocm() and not batch.sliding_window and batch.head_size >= 64:
-            o = torch.empty_like(q)
             rocm_ops.paged_attention_v1(o, q, batch.key_cache, batch.value_cache, block_table=bt,
-                                        cu_query_lens=cu, seq_lens=seq_lens, max_seq_len=max_k,
+                                        cu_query_lens=one_each, seq_lens=seq_lens, max_seq_len=max_k,
                                         scale=batch.scale, kv_cache_dtype=batch.kv_cache_dtype,
                                         k_scale=batch.k_scale, v_scale=batch.v_scale)
             info["decode"] = "torch.ops.aiter.paged_attention_v1"
+        elif not batch.sliding_window and batch.num_heads != batch.num_kv_heads:
+            triton_kernels.paged_decode(q, batch.key_cache, batch.value_cache, o, seq_lens=seq_lens,
+                                        block_table=bt, max_seq_len=max_k, scale=batch.scale,
+                                        k_scale=batch.k_scale, v_scale=batch.v_scale)
+            info["decode"] = "aiter.ops.triton.pa_decode"
         else:
-            o = torch.empty_like(q)
             triton_kernels.unified_attention(
-                q, batch.key_cache, batch.value_cache, o, cu_seqlens_q=cu, max_seqlen_q=1,
+                q, batch.key_cache, batch.value_cache, o, cu_seqlens_q=one_each, max_seqlen_q=1,
                 seqused_k=seq_lens, max_seqlen_k=max_k, block_table=bt, scale=batch.scale,
                 sliding_window=batch.sliding_window, k_scale=batch.k_scale, v_scale=batch.v_scale)
             info["decode"] = "aiter.ops.triton.unified_attention"
-        rows = int(cu[-1])  # tokens the decode call covered
-        out[:rows] = o[:rows]
+        out[last] = o
 
     def _prefill(self, batch, out, sp: Split, thr: int, info: dict) -> None:
         first = sp.num_decodes + sp.num_extends
