@@ -99,9 +99,9 @@ def test_unordered_batch_is_rejected_with_batch_error():
 
 
 CASES = [
-    # DeepSeek dims, fp16, two decodes + an extend whose context needs 3 chunks + a no-context prefill
-    MLACase("pipe-chunks-h8-bs16-fp16", (40, 3, 45, 7), (1, 1, 6, 7), num_heads=8, dtype="fp16",
-            context_chunk_tokens=16, seed=601),
+    # fp16, two decodes + an extend whose context needs 3 chunks + a no-context prefill
+    MLACase("pipe-chunks-h8-mini-bs16-fp16", (40, 3, 45, 7), (1, 1, 6, 7), num_heads=8, dtype="fp16",
+            context_chunk_tokens=16, seed=601, **MINI),
     # spec decode q_len 3 with an explicit (non-YaRN) scale; block size 32
     MLACase("pipe-spec-h16-mini-bs32-bf16", (40, 70), (3, 3), num_heads=16, block_size=32, scale=0.21,
             seed=602, **MINI),
