@@ -143,7 +143,8 @@ def main():
 
     if args.sweep:
         sweep = []
-        for bm, bn, nw, ns in itertools.product([64, 128], [64, 128], [4, 8], [2, 3]):
+        for bm, bn, nw, ns in [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3),
+                               (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]:
             cfg = ua.TileConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
             try:
                 r = prefill_extend(cfg)
@@ -154,7 +155,7 @@ def main():
             print(r, flush=True)
         res["prefill_sweep"] = sweep
         dsweep = []
-        for bn, nw, ns, seg in itertools.product([64, 128], [4], [2, 4], [4, 8, 16]):
+        for bn, nw, ns, seg in [(128, 4, 4, 4), (128, 4, 3, 4), (64, 4, 3, 4), (128, 4, 4, 2), (128, 8, 4, 4), (64, 4, 4, 2)]:
             cfg = ua.TileConfig(block_m=16, block_n=bn, num_warps=nw, num_stages=ns, num_segments=seg)
             try:
                 r = decode(cfg, True)

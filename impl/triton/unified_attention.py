@@ -74,20 +74,25 @@ def _attend(acc, m_i, l_i, q, j_lo, j_hi,
             qk_scale, softcap, window,
             MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
             USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, IS_FP8: tl.constexpr,
-            BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+            BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, PAD_D: tl.constexpr):
     """Online softmax over KV tiles [j_lo, j_hi); scores in log2 units."""
     for j in range(j_lo, j_hi):
         kpos = j * BLOCK_N + offs_n
+        k_ok = kpos < seq_len
         if MASKED:
-            k_ok = kpos < seq_len
-        else:
-            k_ok = kpos >= 0  # all true: interior tiles lie inside seq_len
-        blk = tl.load(bt_row_ptr + kpos // block_size, mask=k_ok, other=0).to(tl.int64)
+            blk = tl.load(bt_row_ptr + kpos // block_size, mask=k_ok, other=0).to(tl.int64)
+        else:  # interior tiles lie inside seq_len: no mask, so loads vectorise
+            blk = tl.load(bt_row_ptr + kpos // block_size).to(tl.int64)
         slot = (kpos % block_size).to(tl.int64)
         k_off = blk * stride_kb + slot * stride_ks + kv_head * stride_kh
         v_off = blk * stride_vb + slot * stride_vs + kv_head * stride_vh
-        k = tl.load(k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd,
-                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        k_ptrs = k_ptr + k_off[None, :] + offs_d[:, None] * stride_kd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        elif PAD_D:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
         if IS_FP8:
             k = k.to(q.dtype)
         s = tl.dot(q, k, input_precision=DOT_PREC)
@@ -116,11 +121,17 @@ def _attend(acc, m_i, l_i, q, j_lo, j_hi,
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd,
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v_ptrs = v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd
+        if MASKED:  # masked V rows are 0, so 0 * NaN never happens
+            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        elif PAD_D:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
         if IS_FP8:
             v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -214,25 +225,27 @@ def _unified_kernel(
                                 stride_kb, stride_ks, stride_kh, stride_kd,
                                 stride_vb, stride_vs, stride_vh, stride_vd,
                                 qpos, slope, offs_n, offs_d, d_ok, qk_scale, softcap, window,
-                                True, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, BLOCK_N, DOT_PREC)
+                                True, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, BLOCK_N, DOT_PREC, BLOCK_D != D)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, tl.maximum(full_lo, seg_lo), tl.minimum(full_hi, seg_hi),
                                 k_ptr, v_ptr, bt_row, seq_len, block_size, kv_head,
                                 stride_kb, stride_ks, stride_kh, stride_kd,
                                 stride_vb, stride_vs, stride_vh, stride_vd,
                                 qpos, slope, offs_n, offs_d, d_ok, qk_scale, softcap, window,
-                                False, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, BLOCK_N, DOT_PREC)
+                                False, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, BLOCK_N, DOT_PREC, BLOCK_D != D)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, tl.maximum(full_hi, seg_lo), seg_hi,
                                 k_ptr, v_ptr, bt_row, seq_len, block_size, kv_head,
                                 stride_kb, stride_ks, stride_kh, stride_kd,
                                 stride_vb, stride_vs, stride_vh, stride_vd,
                                 qpos, slope, offs_n, offs_d, d_ok, qk_scale, softcap, window,
-                                True, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, BLOCK_N, DOT_PREC)
+                                True, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, BLOCK_N, DOT_PREC, BLOCK_D != D)
 
         if SPLIT:
             # Partial result of this segment: unnormalised acc, running max (log2) and sum.
             row = t_glob * num_q_heads + head
+            # An empty segment (no tiles) writes only m = -inf, l = 0; its acc slot stays
+            # unwritten workspace, which the reduce must never read (it may hold NaN).
             tl.store(seg_acc_ptr + (row * NUM_SEGMENTS + seg)[:, None] * BLOCK_D + offs_d[None, :], acc,
-                     mask=row_ok[:, None])
+                     mask=(row_ok & (tl.zeros([BLOCK_M], dtype=tl.int32) + seg_hi > seg_lo))[:, None])
             tl.store(seg_m_ptr + row * NUM_SEGMENTS + seg, m_i, mask=row_ok)
             tl.store(seg_l_ptr + row * NUM_SEGMENTS + seg, l_i, mask=row_ok)
         else:
@@ -312,14 +325,20 @@ def default_config(device: torch.device, head_size: int, group: int, max_query_l
         return TileConfig(block_m=bm, block_n=32, num_warps=1, num_stages=1, num_segments=4)
     bd = triton.next_power_of_2(head_size)
     big = dtype == torch.float32 or bd > 128
-    if max_query_len <= 1 or split:  # decode: rows are the G heads of one token
-        return TileConfig(block_m=min_m, block_n=64 if bd <= 128 else 32, num_warps=4, num_stages=3,
+    if max_query_len <= 1 or split:  # decode: rows are the G heads of one token; memory bound
+        return TileConfig(block_m=min_m, block_n=128 if bd <= 128 else 64, num_warps=4, num_stages=4 if bd <= 128 else 2,
                           num_segments=16)
+    # prefill / extend (H200 sweep, bf16 hd128: 128 x 64 tiles, 4 warps, 3 stages was best)
     bm = max(min_m, 64 if big else 128)
     if max_query_len * group < bm:
         bm = max(min_m, triton.next_power_of_2(max_query_len * group))
-    return TileConfig(block_m=bm, block_n=32 if big else 64, num_warps=8 if bm >= 128 else 4,
-                      num_stages=2 if big else 3, num_segments=16)
+    return TileConfig(block_m=bm, block_n=32 if big else 64, num_warps=4, num_stages=2 if big else 3,
+                      num_segments=16)
+
+
+def workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """Uninitialised float32 scratch for the split-KV partial results (tests poison it)."""
+    return torch.empty(numel, dtype=torch.float32, device=device)
 
 
 def num_sms(device: torch.device) -> int:
@@ -379,9 +398,9 @@ def _scalar(name, x) -> float:
 
 def choose_num_segments(device, num_q_blocks: int, num_kv_heads: int, max_seq_len: int, block_n: int,
                         cap: int = 16) -> int:
-    """Segments so that the split grid fills the GPU (about 4 programs per SM), at least 1 tile each."""
+    """Segments so that the split grid fills the GPU (about 16 programs per SM), at least 1 tile each."""
     programs = max(1, num_q_blocks * num_kv_heads)
-    want = max(1, (4 * num_sms(device) + programs - 1) // programs)
+    want = max(1, (16 * num_sms(device) + programs - 1) // programs)
     tiles = max(1, triton.cdiv(max_seq_len, block_n))
     n = max(1, min(cap, want, tiles))
     return 1 << (n.bit_length() - 1)  # a power of two (the reduce kernel's arange)
@@ -446,9 +465,9 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
             choose_num_segments(dev, num_q_blocks, Hkv, max_seq_len, cfg.block_n, cfg.num_segments)
         _need(num_seg >= 1 and (num_seg & (num_seg - 1)) == 0,
               f"config.num_segments: must be a power of two, got {num_seg}")
-        seg_acc = torch.empty(T * Hq * num_seg * block_d, dtype=torch.float32, device=dev)
-        seg_m = torch.empty(T * Hq * num_seg, dtype=torch.float32, device=dev)
-        seg_l = torch.empty(T * Hq * num_seg, dtype=torch.float32, device=dev)
+        seg_acc = workspace(T * Hq * num_seg * block_d, dev)
+        seg_m = workspace(T * Hq * num_seg, dev)
+        seg_l = workspace(T * Hq * num_seg, dev)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (num_q_blocks, Hkv, num_seg)
     _unified_kernel[grid](
