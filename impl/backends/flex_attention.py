@@ -47,7 +47,7 @@ MASK_BLOCK = 128  # FlexAttention's sparse block size (its default)
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    return torch.compile(_fa.flex_attention, dynamic=False)
+    return torch.compile(_fa.flex_attention)
 
 
 def _flex(device: torch.device):

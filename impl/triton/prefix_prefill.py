@@ -20,7 +20,6 @@ Head sizes are padded to a power of two with masks; fp32 dots use ``input_precis
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -42,8 +41,7 @@ def _tanh(x):
 def _attend_tile(
     acc, m_i, l_i, q, n0, qpos, q_ok, lo, hi,
     k_cache, v_cache, bt_row, stride_kb, stride_kt, stride_vb, stride_vt, kv_head_off_k,
-    kv_head_off_v, offs_d, d_ok, block_size, sm_scale, k_scale, v_scale, softcap, window,
-    slope,
+    kv_head_off_v, offs_d, d_ok, block_size, sm_scale, k_scale, softcap, window, slope,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, IS_FP8: tl.constexpr,
     IS_FP32: tl.constexpr,
@@ -160,7 +158,7 @@ def _prefix_prefill_kernel(
             acc, m_i, l_i, q, n0, qpos, q_ok, lo, ctx_hi,
             k_cache, v_cache, bt_row, stride_kb, stride_kt, stride_vb, stride_vt,
             kvh * stride_kh, kvh * stride_vh, offs_d, d_ok, block_size, sm_scale, k_scale,
-            v_scale, softcap, window, slope,
+            softcap, window, slope,
             BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, IS_FP32)
     # Phase 2: the sequence's new tokens (already written to the cache), causal.
     new_lo = tl.maximum(ctx_len, lo)
@@ -169,7 +167,7 @@ def _prefix_prefill_kernel(
             acc, m_i, l_i, q, n0, qpos, q_ok, new_lo, hi,
             k_cache, v_cache, bt_row, stride_kb, stride_kt, stride_vb, stride_vt,
             kvh * stride_kh, kvh * stride_vh, offs_d, d_ok, block_size, sm_scale, k_scale,
-            v_scale, softcap, window, slope,
+            softcap, window, slope,
             BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, IS_FP32)
 
     has_keys = l_i > 0.0

@@ -143,12 +143,16 @@ P16 = {"partition_size": 16, "block_n": 16}
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)])
-def test_dtypes_gqa_many_partitions(dtype, heads):
-    check(*MANY, kernel_kw=P16, dtype=dtype, hq=heads[0], hkv=heads[1])
+def test_dtypes_many_partitions(dtype):
+    check(*MANY, kernel_kw=P16, dtype=dtype, hq=8, hkv=2)
 
 
-@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1), (24, 1)])  # MHA, MQA, a group > 16 rows
+def test_head_groups(heads):
+    check(*MANY, kernel_kw=P16, dtype="fp16", hq=heads[0], hkv=heads[1])
+
+
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 160, 192, 224, 256])  # ROCM_ATTN's declared sizes
 def test_head_sizes(d):
     check([45, 9], [1, 1], kernel_kw={"partition_size": 32, "block_n": 16}, d=d, hq=2, hkv=1)
 
