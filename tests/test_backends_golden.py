@@ -12,11 +12,22 @@ import pytest
 from attncheck import backends, cases, golden, harness
 
 
-def _case_names(tier: str) -> list:
+def _cases(tier: str) -> list:
+    """(name, kind) of the tier's cases: from the manifest for stored tiers."""
     if tier in cases.STORED_TIERS:
         manifest = json.loads((golden.golden_dir() / golden.MANIFEST_NAME).read_text())
-        return [n for n, e in manifest["cases"].items() if e["tier"] == tier and e["kind"] in ("MHA", "MLA")]
-    return [c.name for c in cases.select_cases(tier=tier) if c.kind in ("MHA", "MLA")]
+        return [(n, e["kind"]) for n, e in manifest["cases"].items()
+                if e["tier"] == tier and e["kind"] in ("MHA", "MLA")]
+    return [(c.name, c.kind) for c in cases.select_cases(tier=tier) if c.kind in ("MHA", "MLA")]
+
+
+def _kind(name: str):
+    """The backend's attention kind, or None when it cannot even be loaded (then every case
+    is collected, so that the load error is reported per case instead of vanishing)."""
+    try:
+        return backends.get_backend(name).kind
+    except (backends.UnknownBackendError, backends.PluginError):
+        return None
 
 
 def pytest_generate_tests(metafunc):
@@ -27,7 +38,10 @@ def pytest_generate_tests(metafunc):
     chosen = cfg.getoption("--backend") or backends.names()
     params = []
     for name in chosen:
-        for case in sorted(_case_names(tier)):
+        kind = _kind(name)
+        for case, case_kind in sorted(_cases(tier)):
+            if kind is not None and case_kind != kind:
+                continue  # an MHA backend is never paired with an MLA case, and vice versa
             params.append(pytest.param((name, case), id=f"{name}::{case}",
                                        marks=[getattr(pytest.mark, tier)]))
     metafunc.parametrize("backend_case", params)
