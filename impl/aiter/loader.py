@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -195,6 +196,8 @@ def _patch_stub_package(state: Loaded) -> None:
     stub = types.ModuleType("aiter")
     stub.__path__ = [pkgdir]
     stub.__file__ = os.path.join(pkgdir, "__init__.py")
+    stub.__spec__ = importlib.machinery.ModuleSpec("aiter", None, origin=stub.__file__, is_package=True)
+    stub.__spec__.submodule_search_locations = [pkgdir]
     stub.__attncheck_stub__ = True
     stub.__version__ = state.version
     sys.modules["aiter"] = stub

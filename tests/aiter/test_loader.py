@@ -15,12 +15,62 @@ import torch
 from impl.aiter import loader
 
 pytestmark = pytest.mark.smoke
+# a fresh interpreter per patch (the loading is process-wide): ~4 s of CPU each
+def slow_fresh(fn):
+    return pytest.mark.slow(pytest.mark.usefixtures("_prefetch")(fn))
+
+
+_CACHE = {}
+
+
+def _start(code: str, **env) -> subprocess.Popen:
+    full_env = dict(os.environ, TRITON_INTERPRET="1", **env)
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, TRITON_INTERPRET="1", **env)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
-                          capture_output=True, text=True, timeout=120)
+    """Run ``code`` in a fresh interpreter; results of the prefetched runs are reused."""
+    key = (textwrap.dedent(code), tuple(sorted(env.items())))
+    proc = _CACHE.pop(key, None) or _start(code, **env)
+    out, err = proc.communicate(timeout=180)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+IMPORT_UA = """
+    from impl.aiter import loader
+    loader.triton_module("unified_attention")
+"""
+IMPORT_MHA = """
+    from impl.aiter import loader
+    loader.triton_module("mha")
+"""
+FP8_PROBE = """
+    from impl.aiter import loader
+    ua = loader.triton_module("unified_attention")
+    import aiter.ops.triton._triton_kernels.unified_attention as k
+    print(k.e4m3_dtype, k.float8_info.max)
+"""
+
+
+@pytest.fixture(scope="module")
+def _prefetch():
+    """Start every fresh-interpreter run at once (each imports torch, triton and aiter)."""
+    runs = [("""
+        from impl.aiter import loader
+        s = loader.load()
+        loader.triton_module("unified_attention"); loader.triton_module("mha")
+        print(s.describe())
+    """, {}), (IMPORT_UA, _off("stub_package")), (IMPORT_UA, _off("arch_answers")),
+            (FP8_PROBE, _off("fp8_dtypes")), (FP8_PROBE, {}), (FP8_PROBE, {"ATTNCHECK_ARCH": "gfx942"}),
+            (IMPORT_MHA, _off("autotune_keys")), (IMPORT_MHA, _off("fa_amd_utils")), ("import aiter", {})]
+    for code, env in runs:
+        _CACHE[(textwrap.dedent(code), tuple(sorted(env.items())))] = _start(code, **env)
+    yield
+    for proc in _CACHE.values():
+        proc.kill()
+        proc.communicate()
+    _CACHE.clear()
 
 
 def _off(name: str) -> dict:
@@ -35,6 +85,7 @@ def test_every_patch_is_named_explained_and_switchable():
         assert p.env == "ATTNCHECK_AITER_PATCH_" + name.upper()
 
 
+@slow_fresh
 def test_loads_and_reports_version_and_patches():
     r = _run("""
         from impl.aiter import loader
@@ -49,6 +100,7 @@ def test_loads_and_reports_version_and_patches():
     assert "strip_amd_launch_options" not in r.stdout  # CUDA only
 
 
+@slow_fresh
 def test_plain_import_aiter_fails_without_rocm():
     """Why stub_package: aiter/__init__.py needs a ROCm install."""
     r = _run("import aiter")
@@ -56,32 +108,24 @@ def test_plain_import_aiter_fails_without_rocm():
     assert "ROCm" in r.stderr or "hipconfig" in r.stderr
 
 
+@slow_fresh
 def test_without_stub_package_nothing_imports():
-    r = _run("""
-        from impl.aiter import loader
-        loader.triton_module("unified_attention")
-    """, **_off("stub_package"))
+    r = _run(IMPORT_UA, **_off("stub_package"))
     assert r.returncode != 0 and "ROCm" in r.stderr
 
 
+@slow_fresh
 def test_without_arch_answers_unified_attention_cannot_import():
     """arch_info.get_arch asks the active Triton driver (none on the CPU), then jax."""
-    r = _run("""
-        from impl.aiter import loader
-        loader.triton_module("unified_attention")
-    """, **_off("arch_answers"))
+    r = _run(IMPORT_UA, **_off("arch_answers"))
     assert r.returncode != 0
     assert "jax" in r.stderr or "active drivers" in r.stderr
 
 
+@slow_fresh
 def test_without_fp8_dtypes_off_gfx942_gets_fnuz():
     """types.py picks fnuz unless the arch string is gfx950: wrong on NVIDIA/CPU (and gfx90a)."""
-    code = """
-        from impl.aiter import loader
-        ua = loader.triton_module("unified_attention")
-        import aiter.ops.triton._triton_kernels.unified_attention as k
-        print(k.e4m3_dtype, k.float8_info.max)
-    """
+    code = FP8_PROBE
     off = _run(code, **_off("fp8_dtypes"))
     on = _run(code)
     assert off.returncode == 0 and on.returncode == 0, off.stderr + on.stderr
@@ -97,20 +141,16 @@ def test_types_membership_test_is_a_type_error_for_an_int_arch():
         90 in ("gfx950")  # noqa: B015 - the exact expression of aiter 0.1.7 utils/types.py
 
 
+@slow_fresh
 def test_without_autotune_keys_mha_cannot_import():
-    r = _run("""
-        from impl.aiter import loader
-        loader.triton_module("mha")
-    """, **_off("autotune_keys"))
+    r = _run(IMPORT_MHA, **_off("autotune_keys"))
     assert r.returncode != 0
     assert "not kernel arguments" in r.stderr
 
 
+@slow_fresh
 def test_without_fa_amd_utils_mha_cannot_import():
-    r = _run("""
-        from impl.aiter import loader
-        loader.triton_module("mha")
-    """, **_off("fa_amd_utils"))
+    r = _run(IMPORT_MHA, **_off("fa_amd_utils"))
     assert r.returncode != 0
     assert "active drivers" in r.stderr or "CUDA" in r.stderr or "cuda" in r.stderr
 
