@@ -7,9 +7,9 @@ DeepSeek-style MLA batch ``impl.batch.MLABatch``:
   ``kv_cache [nb,bs,L+R]`` holding every sequence's context (unused slots, spare blocks and the
   block-table padding column NaN-poisoned), ``w_uk [L,N,P]``, ``w_uv [L,N,V]``, block table,
   ``query_start_loc``, ``seq_lens``, ``slot_mapping``;
-* ``expected.output`` = float64 MLA (reference.mla, absorbed path; equal to the up-projected one
-  to float64 rounding, tests/reference/test_mla.py) over the cache after the write, stored as
-  float32; ``expected.lse``; ``expected.kv_cache_slots`` = the written latent entries;
+* ``expected.output`` = float64 MLA (reference.mla, per sequence the cheaper of the two paths,
+  which agree to float64 rounding, tests/reference/test_mla.py) over the cache after the write,
+  stored as float32; ``expected.lse``; ``expected.kv_cache_slots`` = the written latent entries;
 * budgets: a backend may run any row down either MLA path (ROCM_AITER_MLA decodes spec-decode
   rows through the absorbed kernel, TRITON_MLA prefills them up-projected), so each row's budget
   is the **larger** of the two low-precision "pt" paths' errors against the float64 reference:
@@ -217,7 +217,7 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", streaming=Fa
     common = (t["block_table"], t["query_start_loc"], t["seq_lens"])
     scale = case.softmax_scale
     ref_out, ref_lse = ref_mla.paged_mla(t["q_nope"], t["q_pe"], cache, t["w_uk"], t["w_uv"], *common,
-                                         scale=scale, kv_scale=case.kv_scale, path="absorbed",
+                                         scale=scale, kv_scale=case.kv_scale, path="auto",
                                          compute_dtype=torch.float64)
     dt = case.torch_dtype
     pt_abs, lse_abs = ref_mla.paged_mla(t["q_nope"], t["q_pe"], cache, t["w_uk"], t["w_uv"], *common,

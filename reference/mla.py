@@ -263,6 +263,15 @@ def chunked_prefill(q_nope, q_pe, new_kv_c, new_k_pe, ctx_kv_c, ctx_k_pe, w_uk, 
 
 # ---- whole paged batch ---------------------------------------------------------------------
 
+def cheaper_path(sq: int, sk: int, n: int, L: int, R: int, P: int, V: int) -> str:
+    """The path with fewer multiply-adds for one sequence (both give the same float64 result):
+    absorbed ~ Sq*N*(P*L + Sk*(2L + R) + L*V); up-projected ~ Sk*N*L*(P + V) + Sq*N*Sk*(P + R + V).
+    Long prefills favour the up-projected path (qk 192 instead of 576), decodes the absorbed one."""
+    absorbed = sq * n * (P * L + sk * (2 * L + R) + L * V)
+    up = sk * n * L * (P + V) + sq * n * sk * (P + R + V)
+    return "absorbed" if absorbed <= up else "upprojected"
+
+
 def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, seq_lens, *,
               scale: float, kv_scale: float = 1.0, path: str = "absorbed",
               compute_dtype: torch.dtype = torch.float64, lowp: bool = False,
@@ -272,14 +281,15 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
 
     q_nope [T, N, P], q_pe [T, N, R], kv_cache [nb, bs, L + R] (model dtype or fp8 with
     ``kv_scale``), block_table [B, max_blocks], query_start_loc [B + 1], seq_lens [B].
-    ``path``: "absorbed" or "upprojected". With ``new_kv_c``/``new_k_pe`` ([T, L], [T, R]) the
+    ``path``: "absorbed", "upprojected" or "auto" (the cheaper one per sequence, for the float64
+    oracle on long contexts). With ``new_kv_c``/``new_k_pe`` ([T, L], [T, R]) the
     new tokens' keys come from those (vLLM's prefill) and only the context from the cache.
     ``context_chunk_tokens`` splits the context as ``chunked_prefill`` does (None = one pass).
     ``lowp=True`` is the pt path: math in ``compute_dtype`` with FlashAttention's pt ordering.
     Returns out [T, N, V] in compute_dtype and lse [N, T].
     """
-    if path not in _PATHS:
-        raise ValueError(f"path: expected 'absorbed' or 'upprojected', got {path!r}")
+    if path not in _PATHS and path != "auto":
+        raise ValueError(f"path: expected 'absorbed', 'upprojected' or 'auto', got {path!r}")
     if (new_kv_c is None) != (new_k_pe is None):
         raise ValueError("new_kv_c/new_k_pe: give both or neither")
     L = w_uk.shape[0]
@@ -300,14 +310,15 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
         else:
             ctx_lat = gather_latent(kv_cache, block_table[b], 0, ctx, kv_scale=kv_scale, dtype=dt)
             new_lat = torch.cat([new_kv_c[a:e], new_k_pe[a:e]], dim=-1).to(dt)
+        p = path if path != "auto" else cheaper_path(e - a, s_len, N, L, q_pe.shape[-1], q_nope.shape[-1], V)
         if context_chunk_tokens is None:
             lat = torch.cat([ctx_lat, new_lat], dim=0)
-            o, l = _PATHS[path](qn[a:e], qp[a:e], lat[:, :L], lat[:, L:], wk, wv,
-                                scale=scale, causal=True, lowp=lowp)
+            o, l = _PATHS[p](qn[a:e], qp[a:e], lat[:, :L], lat[:, L:], wk, wv,
+                             scale=scale, causal=True, lowp=lowp)
         else:
             o, l = chunked_prefill(qn[a:e], qp[a:e], new_lat[:, :L], new_lat[:, L:], ctx_lat[:, :L],
                                    ctx_lat[:, L:], wk, wv, scale=scale, chunk_tokens=context_chunk_tokens,
-                                   path=path, lowp=lowp)
+                                   path=p, lowp=lowp)
         out[a:e] = o
         lse[:, a:e] = l
     return out, lse

@@ -190,3 +190,14 @@ def test_low_precision_paths_are_close_but_not_exact(dtype):
         err = (out.double() - ref).abs().max() / ref.abs().max()
         # error comes from inputs rounded to `dtype` plus the math: a few eps, never zero
         assert 0 < err < 32 * eps, (path, err)
+
+
+def test_auto_path_picks_the_cheaper_and_matches():
+    assert mla.cheaper_path(1, 4096, 16, 512, 64, 128, 128) == "absorbed"  # decode
+    assert mla.cheaper_path(3616, 23616, 16, 512, 64, 128, 128) == "upprojected"  # long prefill
+    s = _paged_setup(F64, F64, 1.0)
+    mla.write_latent(s["new"][:, :s["L"]], s["new"][:, s["L"]:], s["cache"], s["slots"])
+    args = (s["q_nope"], s["q_pe"], s["cache"], s["w_uk"], s["w_uv"], s["table"], s["qsl"], s["seq_lens"])
+    oa, la = mla.paged_mla(*args, scale=0.2, path="absorbed")
+    ou, lu = mla.paged_mla(*args, scale=0.2, path="auto")
+    assert (oa - ou).abs().max() <= 1e-12 and (la - lu).abs().max() <= 1e-12
