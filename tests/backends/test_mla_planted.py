@@ -141,3 +141,43 @@ def test_aiter_page_size_one_expansion_bug_fails(monkeypatch):
     v = _run("ROCM_AITER_MLA", MIXED)
     assert v.status == "fail", v.report
     assert _failing_sequences(v) <= {0, 1, 2}
+
+
+# fp8 latent cache with kv_scale 3/4; a zero-context prefill beside an extend whose context takes
+# three chunks (the context merge then meets -inf LSEs on both sides for the prefill's rows)
+FP8_CHUNKS = MLACase("planted-chunks-h8-mini-bs16-bf16-fp8e4m3fn", (3, 45, 7), (1, 6, 7), num_heads=8,
+                     kv_cache_dtype="fp8_e4m3fn", kv_scale=0.75, context_chunk_tokens=16, seed=502, **MINI)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_context_gathered_without_dequantisation_fails(backend, monkeypatch):
+    # vLLM's AITER FA extend once gathered fp8 context with dequant=False (research notes, bug 4)
+    from impl.triton import cache_ops
+
+    assert _run(backend, FP8_CHUNKS).status == "pass"
+    orig = cache_ops.gather_cache
+    monkeypatch.setattr(cache_ops, "gather_cache", lambda *a, **kw: orig(*a, **{**kw, "k_scale": 1.0}))
+    v = _run(backend, FP8_CHUNKS)
+    assert v.status == "fail", v.report
+    # TRITON_MLA gathers only the extend's context; AITER's Triton decode also gathers for the decode row
+    assert _failing_sequences(v) <= {0, 1}
+
+
+def test_merge_without_both_neg_inf_guard_fails(monkeypatch):
+    # merge_attn_states' Triton kernel on ROCm had no guard for two -inf LSEs (research notes, bug 12)
+    from impl.triton import merge_attn_states as merge_mod
+
+    def unguarded(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse=None):
+        m = torch.maximum(prefix_lse, suffix_lse)
+        wp, ws = torch.exp(prefix_lse - m), torch.exp(suffix_lse - m)  # -inf - -inf = NaN
+        s = (wp + ws).transpose(0, 1)[..., None]
+        out = prefix_output.float() * (wp.transpose(0, 1)[..., None] / s) + \
+            suffix_output.float() * (ws.transpose(0, 1)[..., None] / s)
+        output.copy_(out.to(output.dtype))
+        if output_lse is not None:
+            output_lse.copy_(m + torch.log(wp + ws))
+
+    monkeypatch.setattr(merge_mod, "merge_attn_states", unguarded)
+    v = _run("TRITON_MLA", FP8_CHUNKS)
+    assert v.status == "fail", v.report
+    assert "NaN" in v.report and "sequence 2" in v.report  # the zero-context prefill
