@@ -253,7 +253,9 @@ def _unified_kernel(
             if USE_SINKS:
                 denom = denom + tl.exp2(sink - tl.where(m_i == float("-inf"), 0.0, m_i))
             safe = tl.where(denom > 0.0, denom, 1.0)
-            out = acc * (v_scale / safe)[:, None]
+            out = tl.math.div_rn(acc, safe[:, None])
+            if IS_FP8:
+                out = out * v_scale
             tl.store(out_ptr + (t_glob * stride_ot + head * stride_oh)[:, None] + offs_d[None, :] * stride_od,
                      out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
             if WRITE_LSE:
@@ -294,7 +296,7 @@ def _reduce_segments_kernel(out_ptr, lse_ptr, sinks_ptr, seg_acc_ptr, seg_m_ptr,
                        mask=(r_ok & (ws > 0.0))[:, None], other=0.0)
         acc += part * ws[:, None]
     safe = tl.where(denom > 0.0, denom, 1.0)
-    out = acc * (v_scale / safe)[:, None]
+    out = tl.math.div_rn(acc, safe[:, None]) * v_scale  # correctly rounded: fp32 cases are tight
     t = r64 // num_q_heads
     tl.store(out_ptr + (t * stride_ot + head * stride_oh)[:, None] + offs_d[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & (offs_d < D)[None, :])
