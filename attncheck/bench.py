@@ -9,36 +9,31 @@ written by a device-to-device copy) is reported so decode rows can be read again
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    seq_lens: tuple
-    query_lens: tuple
-    phase: str  # prefill | extend | decode
-    num_heads: int = 32
-    num_kv_heads: int = 8
-    head_size: int = 128
-    block_size: int = 16
-    dtype: torch.dtype = torch.bfloat16
+from impl.aiter.bench_rows import BenchShape, make_batch, unified_kernel_callable
 
 
+def phase(shape) -> str:
+    """decode (every q_len 1), prefill (no context) or extend."""
+    if all(q == 1 for q in shape.query_lens):
+        return "decode"
+    return "prefill" if all(q == s for q, s in zip(shape.query_lens, shape.seq_lens)) else "extend"
+
+
+# bf16, 32 query / 8 KV heads, head dim 128, block 16 (BenchShape's defaults)
 MHA_SHAPES = (
-    Shape("prefill 8192 causal", (8192,), (8192,), "prefill"),
-    Shape("extend 3616 over 20000", (23616,), (3616,), "extend"),
-    Shape("decode 64 x 4096", (4096,) * 64, (1,) * 64, "decode"),
-    Shape("decode 256 x 1024", (1024,) * 256, (1,) * 256, "decode"),
+    BenchShape("prefill 8192 causal", (8192,), (8192,)),
+    BenchShape("extend 3616 over 20000", (23616,), (3616,)),
+    BenchShape("decode 64 x 4096", (4096,) * 64, (1,) * 64),
+    BenchShape("decode 256 x 1024", (1024,) * 256, (1,) * 256),
 )
 MHA_BACKENDS = ("TRITON_ATTN", "ROCM_ATTN", "FLEX_ATTENTION", "ROCM_AITER_UNIFIED_ATTN", "ROCM_AITER_FA")
 
 
-def visible_pairs(shape: Shape) -> int:
+def visible_pairs(shape) -> int:
     n = 0
     for s, q in zip(shape.seq_lens, shape.query_lens):
         ctx = s - q
@@ -46,9 +41,9 @@ def visible_pairs(shape: Shape) -> int:
     return n
 
 
-def work(shape: Shape) -> tuple:
+def work(shape) -> tuple:
     """(amount, unit): FLOPs for prefill/extend, bytes of K+V read for decode."""
-    if shape.phase == "decode":
+    if phase(shape) == "decode":
         elem = torch.tensor([], dtype=shape.dtype).element_size()
         return 2 * sum(shape.seq_lens) * shape.num_kv_heads * shape.head_size * elem, "GB/s"
     return 4 * shape.num_heads * shape.head_size * visible_pairs(shape), "TFLOP/s"
@@ -66,7 +61,7 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() / (ms * 1e-3) / 1e9
 
 
-def _sdpa_callable(shape: Shape, device):
+def _sdpa_callable(shape, device):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
@@ -92,8 +87,7 @@ def _sdpa_callable(shape: Shape, device):
     return call
 
 
-def _own_unified_callable(shape: Shape, device):
-    from impl.aiter.bench_rows import make_batch
+def _own_unified_callable(shape, device):
     from impl.triton import unified_attention as ua
     b = make_batch(shape, device)
     out = torch.empty_like(b.query)
@@ -103,9 +97,8 @@ def _own_unified_callable(shape: Shape, device):
                                         max_query_len=mq, max_seq_len=ms, split_kv=None)
 
 
-def _backend_callable(name: str, shape: Shape, device):
+def _backend_callable(name: str, shape, device):
     from attncheck.backends import get_backend
-    from impl.aiter.bench_rows import make_batch
     be = get_backend(name)
     b = make_batch(shape, device)
     return lambda: be.run(b)
@@ -127,8 +120,7 @@ def run(backends=None, shapes=MHA_SHAPES, device="cuda", with_mla=True, out=sys.
     for shape in shapes:
         amount, unit = work(shape)
         entries = [("torch SDPA (contiguous KV)", lambda s=shape: _sdpa_callable(s, device)),
-                   ("AITER Triton unified_attention (kernel)",
-                    lambda s=shape: __import__("impl.aiter.bench_rows", fromlist=["x"]).unified_kernel_callable(s, device)),
+                   ("AITER Triton unified_attention (kernel)", lambda s=shape: unified_kernel_callable(s, device)),
                    ("own Triton unified_attention (kernel)", lambda s=shape: _own_unified_callable(s, device))]
         entries += [(f"{n} backend (write + attend)", lambda s=shape, n=n: _backend_callable(n, s, device)) for n in chosen]
         shape_rows = []

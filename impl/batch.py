@@ -68,8 +68,82 @@ def classify_rows(query_lens: list[int], seq_lens: list[int]) -> list[str]:
     return kinds
 
 
+class _PagedBatch:
+    """What MHA and MLA batches share: sequence bookkeeping, copies, index validation."""
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.kv_cache_dtype != "auto"
+
+    def query_lens(self) -> list[int]:
+        qsl = self.query_start_loc.tolist()
+        return [qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1)]
+
+    def context_lens(self) -> list[int]:
+        return [s - q for s, q in zip(self.seq_lens.tolist(), self.query_lens())]
+
+    def row_kinds(self) -> list[str]:
+        return classify_rows(self.query_lens(), self.seq_lens.tolist())
+
+    def _map_tensors(self, fn):
+        kw = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = fn(v) if isinstance(v, torch.Tensor) else v
+        return type(self)(**kw)
+
+    def clone(self):
+        """Deep copy of every tensor (backends write the caches in place)."""
+        return self._map_tensors(lambda t: t.clone())
+
+    def to(self, device):
+        return self._map_tensors(lambda t: t.to(device))
+
+    def _validate_sequences(self, num_tokens: int, num_blocks: int, block_size: int, allow_unordered: bool) -> None:
+        """query_start_loc / seq_lens / block_table / slot_mapping against each other."""
+        for name, t, nd in (("query_start_loc", self.query_start_loc, 1), ("seq_lens", self.seq_lens, 1),
+                            ("block_table", self.block_table, 2), ("slot_mapping", self.slot_mapping, 1)):
+            _check_index_tensor(name, t, nd)
+        B, T = self.seq_lens.shape[0], num_tokens
+        _need(B >= 1, "seq_lens: the batch needs at least one sequence")
+        _need(self.query_start_loc.shape[0] == B + 1,
+              f"query_start_loc: expected {B + 1} entries (num_seqs + 1), got {self.query_start_loc.shape[0]}")
+        _need(self.block_table.shape[0] == B,
+              f"block_table: expected {B} rows (one per sequence), got {self.block_table.shape[0]}")
+        _need(self.slot_mapping.shape[0] == T,
+              f"slot_mapping: expected {T} entries (one per query token), got {self.slot_mapping.shape[0]}")
+        qsl = self.query_start_loc.tolist()
+        _need(qsl[0] == 0 and qsl[-1] == T,
+              f"query_start_loc: must start at 0 and end at num_tokens {T}, got {qsl[0]}..{qsl[-1]}")
+        qlens = [qsl[i + 1] - qsl[i] for i in range(B)]
+        _need(all(x >= 1 for x in qlens), f"query_start_loc: must be strictly increasing, got {qsl}")
+        slens = self.seq_lens.tolist()
+        max_blocks = self.block_table.shape[1]
+        for b in range(B):
+            _need(slens[b] >= qlens[b],
+                  f"seq_lens: sequence {b} has {slens[b]} keys but {qlens[b]} query tokens (need seq_len >= q_len)")
+            need_blocks = -(-slens[b] // block_size)
+            _need(need_blocks <= max_blocks,
+                  f"block_table: sequence {b} needs {need_blocks} blocks of {block_size}, table has {max_blocks} columns")
+            if need_blocks:
+                used = self.block_table[b, :need_blocks]
+                lo, hi = int(used.min()), int(used.max())
+                _need(lo >= 0 and hi < num_blocks,
+                      f"block_table: sequence {b} uses block {lo if lo < 0 else hi}, "
+                      f"out of range [0, {num_blocks}) for a cache of {num_blocks} blocks")
+        sm = self.slot_mapping
+        _need(int(sm.min()) >= 0 and int(sm.max()) < num_blocks * block_size,
+              f"slot_mapping: slots must lie in [0, {num_blocks * block_size}), got {int(sm.min())}..{int(sm.max())}")
+        if not allow_unordered:
+            check_vllm_order(self.row_kinds())
+
+
 @dataclass
-class AttentionBatch:
+class AttentionBatch(_PagedBatch):
     query: torch.Tensor  # [T, Hq, D]
     key: torch.Tensor  # [T, Hkv, D]   new keys of the query tokens
     value: torch.Tensor  # [T, Hkv, D]
@@ -94,10 +168,6 @@ class AttentionBatch:
 
     # ---- derived facts -------------------------------------------------------------------
     @property
-    def num_seqs(self) -> int:
-        return int(self.seq_lens.shape[0])
-
-    @property
     def block_size(self) -> int:
         return int(self.key_cache.shape[1])
 
@@ -117,34 +187,6 @@ class AttentionBatch:
     def dtype(self) -> torch.dtype:
         return self.query.dtype
 
-    @property
-    def is_fp8(self) -> bool:
-        return self.kv_cache_dtype != "auto"
-
-    def query_lens(self) -> list[int]:
-        qsl = self.query_start_loc.tolist()
-        return [qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1)]
-
-    def context_lens(self) -> list[int]:
-        return [s - q for s, q in zip(self.seq_lens.tolist(), self.query_lens())]
-
-    def row_kinds(self) -> list[str]:
-        return classify_rows(self.query_lens(), self.seq_lens.tolist())
-
-    def clone(self) -> "AttentionBatch":
-        """Deep copy of every tensor (backends write the caches in place)."""
-        kw = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = v.clone() if isinstance(v, torch.Tensor) else v
-        return AttentionBatch(**kw)
-
-    def to(self, device) -> "AttentionBatch":
-        kw = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
-        return AttentionBatch(**kw)
 
     # ---- validation ------------------------------------------------------------------------
     def validate(self, allow_unordered: bool = False) -> "AttentionBatch":
@@ -183,42 +225,7 @@ class AttentionBatch:
                   f"got {self.key_cache.dtype}")
             _need(self.k_scale > 0 and self.v_scale > 0, "k_scale/v_scale: must be positive")
 
-        _check_index_tensor("query_start_loc", self.query_start_loc, 1)
-        _check_index_tensor("seq_lens", self.seq_lens, 1)
-        _check_index_tensor("block_table", self.block_table, 2)
-        _check_index_tensor("slot_mapping", self.slot_mapping, 1)
-        B = self.seq_lens.shape[0]
-        _need(B >= 1, "seq_lens: the batch needs at least one sequence")
-        _need(self.query_start_loc.shape[0] == B + 1,
-              f"query_start_loc: expected {B + 1} entries (num_seqs + 1), got {self.query_start_loc.shape[0]}")
-        _need(self.block_table.shape[0] == B,
-              f"block_table: expected {B} rows (one per sequence), got {self.block_table.shape[0]}")
-        _need(self.slot_mapping.shape[0] == T,
-              f"slot_mapping: expected {T} entries (one per query token), got {self.slot_mapping.shape[0]}")
-        qsl = self.query_start_loc.tolist()
-        _need(qsl[0] == 0 and qsl[-1] == T,
-              f"query_start_loc: must start at 0 and end at num_tokens {T}, got {qsl[0]}..{qsl[-1]}")
-        qlens = [qsl[i + 1] - qsl[i] for i in range(B)]
-        _need(all(x >= 1 for x in qlens), f"query_start_loc: must be strictly increasing, got {qsl}")
-        slens = self.seq_lens.tolist()
-        for b in range(B):
-            _need(slens[b] >= qlens[b],
-                  f"seq_lens: sequence {b} has {slens[b]} keys but {qlens[b]} query tokens (need seq_len >= q_len)")
-        nb, bs = self.key_cache.shape[:2]
-        max_blocks = self.block_table.shape[1]
-        for b in range(B):
-            need_blocks = -(-slens[b] // bs)
-            _need(need_blocks <= max_blocks,
-                  f"block_table: sequence {b} needs {need_blocks} blocks of {bs}, table has {max_blocks} columns")
-            used = self.block_table[b, :need_blocks]
-            if need_blocks:
-                lo, hi = int(used.min()), int(used.max())
-                _need(lo >= 0 and hi < nb,
-                      f"block_table: sequence {b} uses block {lo if lo < 0 else hi}, "
-                      f"out of range [0, {nb}) for a cache of {nb} blocks")
-        sm = self.slot_mapping
-        _need(int(sm.min()) >= 0 and int(sm.max()) < nb * bs,
-              f"slot_mapping: slots must lie in [0, {nb * bs}), got {int(sm.min())}..{int(sm.max())}")
+        self._validate_sequences(T, self.key_cache.shape[0], self.key_cache.shape[1], allow_unordered)
         if self.sliding_window is not None:
             _need(int(self.sliding_window) >= 1, f"sliding_window: must be >= 1 keys, got {self.sliding_window}")
         if self.softcap is not None:
@@ -227,8 +234,6 @@ class AttentionBatch:
             if t is not None:
                 _need(t.shape == (Hq,) and t.dtype == torch.float32,
                       f"{name}: expected float32 [{Hq}], got {t.dtype} {tuple(t.shape)}")
-        if not allow_unordered:
-            check_vllm_order(self.row_kinds())
         return self
 
 
@@ -245,7 +250,7 @@ def check_vllm_order(kinds: list[str]) -> None:
 
 
 @dataclass
-class MLABatch:
+class MLABatch(_PagedBatch):
     """DeepSeek-style MLA batch (vllm-backends.md 4.3).
 
     Latent cache entry = ``[kv_c (L) | k_pe (R)]``, cache ``[num_blocks, block_size, L + R]``.
@@ -270,10 +275,6 @@ class MLABatch:
     context_chunk_tokens: Optional[int] = None
 
     @property
-    def num_seqs(self) -> int:
-        return int(self.seq_lens.shape[0])
-
-    @property
     def block_size(self) -> int:
         return int(self.kv_cache.shape[1])
 
@@ -293,33 +294,6 @@ class MLABatch:
     def dtype(self) -> torch.dtype:
         return self.q_nope.dtype
 
-    @property
-    def is_fp8(self) -> bool:
-        return self.kv_cache_dtype != "auto"
-
-    def query_lens(self) -> list[int]:
-        qsl = self.query_start_loc.tolist()
-        return [qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1)]
-
-    def context_lens(self) -> list[int]:
-        return [s - q for s, q in zip(self.seq_lens.tolist(), self.query_lens())]
-
-    def row_kinds(self) -> list[str]:
-        return classify_rows(self.query_lens(), self.seq_lens.tolist())
-
-    def clone(self) -> "MLABatch":
-        kw = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = v.clone() if isinstance(v, torch.Tensor) else v
-        return MLABatch(**kw)
-
-    def to(self, device) -> "MLABatch":
-        kw = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
-        return MLABatch(**kw)
 
     def validate(self, allow_unordered: bool = False) -> "MLABatch":
         qn, qp = self.q_nope, self.q_pe
@@ -347,30 +321,5 @@ class MLABatch:
             _need(self.kv_cache.dtype == FP8_DTYPES[self.kv_cache_dtype],
                   f"kv_cache: kv_cache_dtype {self.kv_cache_dtype} needs dtype "
                   f"{FP8_DTYPES[self.kv_cache_dtype]}, got {self.kv_cache.dtype}")
-        for name, t, nd in (("query_start_loc", self.query_start_loc, 1), ("seq_lens", self.seq_lens, 1),
-                            ("block_table", self.block_table, 2), ("slot_mapping", self.slot_mapping, 1)):
-            _check_index_tensor(name, t, nd)
-        B = self.seq_lens.shape[0]
-        _need(self.query_start_loc.shape[0] == B + 1,
-              f"query_start_loc: expected {B + 1} entries, got {self.query_start_loc.shape[0]}")
-        _need(self.block_table.shape[0] == B, f"block_table: expected {B} rows, got {self.block_table.shape[0]}")
-        _need(self.slot_mapping.shape[0] == T, f"slot_mapping: expected {T} entries, got {self.slot_mapping.shape[0]}")
-        qsl = self.query_start_loc.tolist()
-        _need(qsl[0] == 0 and qsl[-1] == T, f"query_start_loc: must run from 0 to {T}, got {qsl}")
-        qlens = [qsl[i + 1] - qsl[i] for i in range(B)]
-        _need(all(x >= 1 for x in qlens), f"query_start_loc: must be strictly increasing, got {qsl}")
-        slens = self.seq_lens.tolist()
-        nb, bs = self.kv_cache.shape[:2]
-        for b in range(B):
-            _need(slens[b] >= qlens[b], f"seq_lens: sequence {b} has fewer keys than query tokens")
-            need_blocks = -(-slens[b] // bs)
-            _need(need_blocks <= self.block_table.shape[1],
-                  f"block_table: sequence {b} needs {need_blocks} blocks, table has {self.block_table.shape[1]}")
-            used = self.block_table[b, :need_blocks]
-            _need(int(used.min()) >= 0 and int(used.max()) < nb,
-                  f"block_table: sequence {b} uses a block outside [0, {nb})")
-        _need(int(self.slot_mapping.min()) >= 0 and int(self.slot_mapping.max()) < nb * bs,
-              f"slot_mapping: slots must lie in [0, {nb * bs})")
-        if not allow_unordered:
-            check_vllm_order(self.row_kinds())
+        self._validate_sequences(T, self.kv_cache.shape[0], self.kv_cache.shape[1], allow_unordered)
         return self
