@@ -175,7 +175,7 @@ class Loaded:
         if self.applied:
             s += "; patches: " + ", ".join(self.applied)
         if self.skipped:
-            s += "; switched off: " + ", ".join(n for n, _ in self.skipped)
+            s += "; not applied: " + ", ".join(f"{n} ({why})" for n, why in self.skipped)
         return s
 
 
