@@ -185,7 +185,8 @@ def test_tile_config_does_not_change_the_result_beyond_rounding():
 def test_split_decision():
     assert not ua.use_split_kv(5, 4096, 1, 8, DEV)  # not all-decode
     assert not ua.use_split_kv(1, 100, 1, 8, DEV)  # short context
-    assert ua.use_split_kv(1, 4096, 1, 8, DEV)
+    assert ua.use_split_kv(1, 4096, 1, 2, DEV)  # one long decode on 2 KV heads: few programs
+    assert not ua.use_split_kv(1, 4096, 4096, 8, DEV)  # a large batch fills the GPU by itself
 
 
 def test_bad_inputs_name_the_argument():
