@@ -45,7 +45,8 @@ CONVENTIONS = {
     "fp8": "stored = RNE(clamp(x.float()/scale, -max, max)); read = stored*scale; e4m3fn max 448, e4m3fnuz max 240",
     "poison": "unused cache slots, spare blocks and block-table padding hold NaN",
     "reference_precision": "float64 on CPU, one thread; stored as float32",
-    "budget": "pt = same math in the input dtype with K pre-scaled (FlashAttention); per row max over head dim",
+    "budget": "pt = same math in the input dtype, both op orders (K pre-scaled; scores scaled), the larger "
+              "error per row (max over the head dim)",
 }
 _LOGICAL = {
     "float8_e4m3fn": torch.float8_e4m3fn,

@@ -32,8 +32,12 @@ def _softmax_with_sinks(s: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch
 
 
 def attention_lowp(q, k, v, *, scale, causal=True, sliding_window=None, softcap=None, alibi_slopes=None,
-                   sinks=None, q_offset=None):
-    """(out [Sq, Hq, Dv] in q.dtype, lse [Hq, Sq] in max(q.dtype, float32))."""
+                   sinks=None, q_offset=None, reorder=True):
+    """(out [Sq, Hq, Dv] in q.dtype, lse [Hq, Sq] in max(q.dtype, float32)).
+
+    ``reorder=True`` pre-scales K (FlashAttention's ``reorder_ops``); ``reorder=False`` scales
+    the rounded scores instead, as most kernels do. Both are the same math in the input dtype.
+    """
     check_qkv(q, k, v, alibi_slopes, sinks, sliding_window, softcap)
     dtype = q.dtype
     lse_dtype = torch.promote_types(dtype, torch.float32)
@@ -44,7 +48,10 @@ def attention_lowp(q, k, v, *, scale, causal=True, sliding_window=None, softcap=
     qpos = query_positions(sq, sk, q_offset, q.device)
     kpos = torch.arange(sk, device=q.device)
 
-    s = grouped_scores(q, k * scale)  # reorder ops: scale K (rounded), not the scores
+    if reorder:
+        s = grouped_scores(q, k * scale)  # reorder ops: scale K (rounded), not the scores
+    else:
+        s = grouped_scores(q, k) * scale  # scale the rounded scores (rounded again)
     s = apply_softcap(s, softcap)
     if alibi_slopes is not None:
         s = s + alibi_bias(alibi_slopes.to(q.device), qpos, kpos, dtype)
@@ -62,7 +69,7 @@ def attention_lowp(q, k, v, *, scale, causal=True, sliding_window=None, softcap=
 def paged_attention_lowp(query, key_cache, value_cache, block_table, query_start_loc, seq_lens, *, scale,
                          causal=True, sliding_window=None, softcap=None, alibi_slopes=None, sinks=None,
                          k_scale=1.0, v_scale=1.0, dtype: Optional[torch.dtype] = None,
-                         block_m: Optional[int] = None):
+                         block_m: Optional[int] = None, reorder: bool = True):
     """``attention_lowp`` over a paged batch, in the model ``dtype`` (default: query's dtype).
 
     fp8 caches are dequantised to the model dtype first (stored.to(dtype) * scale, rounded).
@@ -90,5 +97,5 @@ def paged_attention_lowp(query, key_cache, value_cache, block_table, query_start
             out[m0:m1], lse[:, m0:m1] = attention_lowp(
                 query[m0:m1].to(dtype), k, v, scale=scale, causal=causal, sliding_window=sliding_window,
                 softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                q_offset=seq_len - (q1 - q0) + (m0 - q0))
+                q_offset=seq_len - (q1 - q0) + (m0 - q0), reorder=reorder)
     return out, lse

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities, KnownIssue
+from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities
 from impl.batch import FP8_DTYPES
 
 
@@ -35,15 +35,6 @@ class TorchSDPABackend:
         fp8_kv=frozenset({"fp8_e4m3fn", "fp8_e4m3fnuz"}),
         returns_lse=False,
         notes=("SDPA has no softcap, no sinks and returns no LSE",),
-    )
-
-    known_issues = (
-        KnownIssue(
-            reason="float32 outputs carry last-ulp noise (math kernel: q and k each scaled by "
-                   "sqrt(scale); CPU flash kernel: blocked exp) that reaches 1.1-1.3x the per-row "
-                   "budget on a few rows; bf16/fp16 sit at 0.3-0.4x",
-            issue="attncheck#2 (fp32 budget of torch SDPA)", platform="all",
-            applies=lambda p: p.get("dtype") == "fp32"),
     )
 
     def availability(self, device: torch.device) -> Availability:
