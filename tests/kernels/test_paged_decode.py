@@ -175,7 +175,11 @@ def test_softcap_alibi_sinks():
           hq=4, hkv=1)
 
 
-@pytest.mark.parametrize("kv", ["fp8_e4m3fn", "fp8_e4m3fnuz"])
+FNUZ_NEEDS_INTERPRETER = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="compiled Triton on CUDA has no float8_e4m3fnuz type (AMD gfx942 only)")
+
+
+@pytest.mark.parametrize("kv", ["fp8_e4m3fn", pytest.param("fp8_e4m3fnuz", marks=FNUZ_NEEDS_INTERPRETER)])
 def test_fp8_kv(kv):
     check(*MANY, kernel_kw=P16, kv=kv, k_scale=0.37, v_scale=1.7, dtype="bf16", hq=4, hkv=2)
 
