@@ -47,7 +47,16 @@ MASK_BLOCK = 128  # FlexAttention's sparse block size (its default)
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    return torch.compile(_fa.flex_attention)
+    # dynamic=False: every batch shape gets its own static kernel. With automatic dynamic shapes
+    # (torch's default after the second distinct shape) Inductor 2.11 found no valid flex
+    # template for 7 of the smoke cases on an H200 (NoValidChoicesError).
+    # A static kernel per shape means many compiles: raise dynamo's recompile limit so it never
+    # falls back to eager silently (the backend reports "compiled").
+    import torch._dynamo.config as dcfg
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dcfg, knob):
+            setattr(dcfg, knob, max(getattr(dcfg, knob), 1024))
+    return torch.compile(_fa.flex_attention, dynamic=False)
 
 
 def _flex(device: torch.device):
