@@ -169,6 +169,8 @@ def _judge(backend, case, tensors, dev, v: Verdict, t0) -> Verdict:
     if getattr(case, "unordered", False) and v.status == "pass":
         head += " (accepted the unordered batch and computed it correctly)"
     v.report = head + "\n" + result.summary()
+    if out.info.get("kernel"):
+        v.report += f"\n  ran: {out.info['kernel']}"
     v.details = {"failing_rows": result.failing_rows, "diagnostics": result.diagnostics,
                  "lse_checked": out.lse is not None, "info": out.info}
     return v

@@ -76,6 +76,12 @@ def _prefetch():
 def _off(name: str) -> dict:
     return {loader.PATCHES[name].env: "0"}
 
+_CPU_ONLY = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="shows the failure on a CPU without a Triton driver (Triton 3.9 interpreter); on CUDA with "
+           "Triton 3.6 these imports fail differently (AITER 0.1.7's int-in-str TypeError) or not at all")
+
+
 
 def test_every_patch_is_named_explained_and_switchable():
     assert set(loader.PATCHES) == {"stub_package", "arch_answers", "fp8_dtypes", "autotune_keys",
@@ -115,6 +121,7 @@ def test_without_stub_package_nothing_imports():
 
 
 @slow_fresh
+@_CPU_ONLY
 def test_without_arch_answers_unified_attention_cannot_import():
     """arch_info.get_arch asks the active Triton driver (none on the CPU), then jax."""
     r = _run(IMPORT_UA, **_off("arch_answers"))
@@ -142,6 +149,7 @@ def test_types_membership_test_is_a_type_error_for_an_int_arch():
 
 
 @slow_fresh
+@_CPU_ONLY
 def test_without_autotune_keys_mha_cannot_import():
     r = _run(IMPORT_MHA, **_off("autotune_keys"))
     assert r.returncode != 0
@@ -149,6 +157,7 @@ def test_without_autotune_keys_mha_cannot_import():
 
 
 @slow_fresh
+@_CPU_ONLY
 def test_without_fa_amd_utils_mha_cannot_import():
     r = _run(IMPORT_MHA, **_off("fa_amd_utils"))
     assert r.returncode != 0
