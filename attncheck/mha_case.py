@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from attncheck.rule import rounding_step_rows
+from attncheck.rule import locate_token, rounding_step_rows
 from impl.batch import FP8_DTYPES, AttentionBatch
 from reference import lowp as ref_lowp
 from reference import mha as ref_mha
@@ -204,17 +204,4 @@ def rule_factors(case) -> dict:
 
 
 def locate_row(case, tensors: dict, token: int) -> dict:
-    """Where a query row lives: sequence, position in it, and the KV blocks it can see."""
-    qsl = tensors["query_start_loc"].tolist()
-    b = max(i for i in range(len(qsl) - 1) if qsl[i] <= token)
-    q_len = qsl[b + 1] - qsl[b]
-    seq_len = int(tensors["seq_lens"][b])
-    pos = seq_len - q_len + (token - qsl[b])
-    last = pos if case.causal else seq_len - 1
-    first = 0
-    if case.sliding_window:
-        first = max(0, pos - case.sliding_window + 1)
-    bs = case.block_size
-    blocks = tensors["block_table"][b, first // bs: last // bs + 1].tolist()
-    return {"sequence": b, "position": pos, "q_len": q_len, "seq_len": seq_len,
-            "kv_range": (first, last), "kv_blocks": blocks}
+    return locate_token(tensors, token, case.block_size, case.causal, case.sliding_window)

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from attncheck.cases import DTYPES, TIERS
-from attncheck.rule import rounding_step_rows
+from attncheck.rule import locate_token, rounding_step_rows
 from impl.batch import FP8_DTYPES, MLABatch
 from reference import mla as ref_mla
 from reference import paged as ref_paged
@@ -274,16 +274,8 @@ def rule_factors(case) -> dict:
 
 
 def locate_row(case, tensors: dict, token: int) -> dict:
-    """Sequence, position and the latent-cache blocks a query row sees (causal)."""
-    qsl = tensors["query_start_loc"].tolist()
-    b = max(i for i in range(len(qsl) - 1) if qsl[i] <= token)
-    q_len = qsl[b + 1] - qsl[b]
-    seq_len = int(tensors["seq_lens"][b])
-    pos = seq_len - q_len + (token - qsl[b])
-    bs = case.block_size
-    blocks = tensors["block_table"][b, 0: pos // bs + 1].tolist()
-    return {"sequence": b, "position": pos, "q_len": q_len, "seq_len": seq_len,
-            "kv_range": (0, pos), "kv_blocks": blocks}
+    """Sequence, position and the latent-cache blocks a query row sees (MLA is causal)."""
+    return locate_token(tensors, token, case.block_size)
 
 
 # ---- catalogue ----------------------------------------------------------------------------------

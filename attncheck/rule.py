@@ -64,6 +64,21 @@ def rounding_step_rows(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return step.amax(dim=-1)
 
 
+def locate_token(tensors: dict, token: int, block_size: int, causal: bool = True,
+                 sliding_window=None) -> dict:
+    """Where a query row lives: its sequence, its position in it, and the KV blocks it reads."""
+    qsl = tensors["query_start_loc"].tolist()
+    b = max(i for i in range(len(qsl) - 1) if qsl[i] <= token)
+    q_len = qsl[b + 1] - qsl[b]
+    seq_len = int(tensors["seq_lens"][b])
+    pos = seq_len - q_len + (token - qsl[b])
+    last = pos if causal else seq_len - 1
+    first = max(0, pos - sliding_window + 1) if sliding_window else 0
+    blocks = tensors["block_table"][b, first // block_size: last // block_size + 1].tolist()
+    return {"sequence": b, "position": pos, "q_len": q_len, "seq_len": seq_len,
+            "kv_range": (first, last), "kv_blocks": blocks}
+
+
 def _describe_row(locate: Optional[Callable], token: int, head: int) -> str:
     if locate is None:
         return f"token {token}, head {head}"
