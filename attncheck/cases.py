@@ -23,8 +23,30 @@ STORED_TIERS = ("smoke", "full")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+class CaseRecord:
+    """What every case kind shares: its torch dtype and its flat parameters (the manifest
+    records them; capabilities are checked against them)."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def params(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        d["torch_dtype"] = self.torch_dtype
+        return d
+
+    def manifest_params(self) -> dict:
+        d = self.params()
+        d.pop("torch_dtype")
+        return d
+
+
 @dataclass(frozen=True)
-class MHACase:
+class MHACase(CaseRecord):
     name: str
     seq_lens: tuple  # total keys per sequence (context + new)
     query_lens: tuple  # new tokens per sequence
@@ -64,10 +86,6 @@ class MHACase:
             raise ValueError(f"case {self.name}: tier must be one of {TIERS}")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
     def softmax_scale(self) -> float:
         return self.scale if self.scale is not None else self.head_size ** -0.5
 
@@ -75,22 +93,9 @@ class MHACase:
     def num_tokens(self) -> int:
         return sum(self.query_lens)
 
-    def params(self) -> dict:
-        """Flat parameters: what the manifest records and capabilities are checked against."""
-        d = dataclasses.asdict(self)
-        d["seq_lens"] = list(self.seq_lens)
-        d["query_lens"] = list(self.query_lens)
-        d["torch_dtype"] = self.torch_dtype
-        return d
-
-    def manifest_params(self) -> dict:
-        d = self.params()
-        d.pop("torch_dtype")
-        return d
-
 
 @dataclass(frozen=True)
-class MergeCase:
+class MergeCase(CaseRecord):
     """Inputs for ``merge_attn_states``: two partial results with LSE [H, T] in a pattern."""
 
     name: str
@@ -106,19 +111,6 @@ class MergeCase:
     family: str = "merge"
     kind: str = field(default="MERGE", init=False)
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def params(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["torch_dtype"] = self.torch_dtype
-        return d
-
-    def manifest_params(self) -> dict:
-        d = self.params()
-        d.pop("torch_dtype")
-        return d
 
 
 C = MHACase  # short alias for the table below

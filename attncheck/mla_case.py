@@ -28,14 +28,13 @@ same keys as one reading the cache (decode).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from attncheck.cases import DTYPES, TIERS
+from attncheck.cases import DTYPES, TIERS, CaseRecord
 from attncheck.rule import locate_token, rounding_step_rows
 from impl.batch import FP8_DTYPES, MLABatch
 from reference import mla as ref_mla
@@ -48,7 +47,7 @@ DEEPSEEK_ROPE_FACTOR = 40.0  # DeepSeek-V3 rope_scaling factor (mscale_all_dim 1
 
 
 @dataclass(frozen=True)
-class MLACase:
+class MLACase(CaseRecord):
     name: str
     seq_lens: tuple  # total keys per sequence (context + new)
     query_lens: tuple  # new tokens per sequence
@@ -84,10 +83,6 @@ class MLACase:
             raise ValueError(f"case {self.name}: kv_cache_dtype must be 'auto' or one of {sorted(FP8_DTYPES)}")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
     def qk_head_dim(self) -> int:
         return self.nope_dim + self.rope_dim
 
@@ -102,18 +97,10 @@ class MLACase:
         return sum(self.query_lens)
 
     def params(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["seq_lens"] = list(self.seq_lens)
-        d["query_lens"] = list(self.query_lens)
-        d["torch_dtype"] = self.torch_dtype
+        d = super().params()
         d["head_size"] = self.kv_lora_rank + self.rope_dim  # the latent cache entry (576)
         d["causal"] = True
         d["softmax_scale"] = self.softmax_scale
-        return d
-
-    def manifest_params(self) -> dict:
-        d = self.params()
-        d.pop("torch_dtype")
         return d
 
 
