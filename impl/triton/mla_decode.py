@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from impl.triton import compat
+from impl.triton.tiles import online_softmax_update
 
 _LOG2E = 1.4426950408889634
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -81,13 +82,8 @@ def _mla_decode_stage1(
         if IS_FP8:
             s = s * kv_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
-        m_i = m_new
+        # the latent is both K (with the rope part) and V: P.V multiplies by kc again
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, kc, True, True, "tf32")
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

@@ -33,14 +33,9 @@ import triton
 import triton.language as tl
 
 from impl.triton.prefix_prefill import _next_pow2, _check, validate_paged_inputs
+from impl.triton.tiles import online_softmax_update, paged_scores
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp (no portable tl.tanh); saturates correctly to +-1 for large |x|.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -52,7 +47,7 @@ def _partition_kernel(
     head_size, block_size, sm_scale, k_scale, softcap, window,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_ALIBI: tl.constexpr, IS_FP8: tl.constexpr, IS_FP32: tl.constexpr,
+    USE_ALIBI: tl.constexpr, IS_FP8: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -88,41 +83,16 @@ def _partition_kernel(
     acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    qpos_rows = tl.zeros([G_PAD], dtype=tl.int32) + qpos  # every packed row is the same token
     for n0 in range((part_lo // BLOCK_N) * BLOCK_N, part_hi, BLOCK_N):
         kpos = n0 + tl.arange(0, BLOCK_N)
         k_ok = (kpos >= part_lo) & (kpos < part_hi)
-        blk = tl.load(bt_row + kpos // block_size, mask=k_ok, other=0).to(tl.int64)
-        within = (kpos % block_size).to(tl.int64)
-        ld = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache + blk[:, None] * stride_kb + within[:, None] * stride_kt
-                    + kvh * stride_kh + offs_d[None, :], mask=ld, other=0.0)
-        v = tl.load(v_cache + blk[:, None] * stride_vb + within[:, None] * stride_vt
-                    + kvh * stride_vh + offs_d[None, :], mask=ld, other=0.0)
-        if IS_FP8:
-            # e4m3 values are exact in the model dtype; scales are applied outside the dots.
-            k = k.to(tl.float32).to(q.dtype)
-            v = v.to(tl.float32).to(q.dtype)
-        if IS_FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * (sm_scale * k_scale)
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        if USE_ALIBI:
-            s = s - slope[:, None] * (qpos - kpos)[None, :].to(tl.float32)
+        s, v = paged_scores(q, k_cache, v_cache, bt_row, kpos, k_ok, block_size,
+                            stride_kb, stride_kt, kvh * stride_kh, stride_vb, stride_vt, kvh * stride_vh,
+                            offs_d, d_ok, sm_scale * k_scale, softcap, qpos_rows, slope,
+                            USE_SOFTCAP, USE_ALIBI, IS_FP8, DOT_PREC)
         s = tl.where(r_ok[:, None] & k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded head rows stay -inf
-        p = tl.exp(s - m_use[:, None])
-        alpha = tl.exp(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if IS_FP32:
-            acc += tl.dot(p, v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, False, DOT_PREC)
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     wrow = b.to(tl.int64) * stride_wb + heads.to(tl.int64) * stride_wh + part * stride_wp
@@ -245,7 +215,8 @@ def paged_decode(query, key_cache, value_cache, block_table, query_start_loc, se
         float(softcap) if softcap else 1.0, int(sliding_window) if sliding_window else 1,
         GROUP=group, G_PAD=max(16, _next_pow2(group)), D_PAD=D_PAD, BLOCK_N=BLOCK_N,
         PARTITION=partition_size, USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(softcap),
-        USE_ALIBI=alibi_slopes is not None, IS_FP8=is_fp8, IS_FP32=is_fp32, num_warps=4,
+        USE_ALIBI=alibi_slopes is not None, IS_FP8=is_fp8, DOT_PREC="ieee" if is_fp32 else "tf32",
+        num_warps=4,
     )
     _reduce_kernel[(B, Hq)](
         ws_out, ws_max, ws_sum, out, lse, query_start_loc, seq_lens,

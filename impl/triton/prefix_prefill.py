@@ -26,15 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from impl.triton.tiles import online_softmax_update, paged_scores
+
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 _MODEL = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp: tl has no portable tanh (libdevice is backend specific). For large |x|
-    # exp overflows to inf / underflows to 0 and the formula still gives +-1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -44,55 +39,24 @@ def _attend_tile(
     kv_head_off_v, offs_d, d_ok, block_size, sm_scale, k_scale, softcap, window, slope,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, IS_FP8: tl.constexpr,
-    IS_FP32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """One BLOCK_N tile of keys [n0, n0+BLOCK_N) clipped to [lo, hi): online-softmax update."""
     kpos = n0 + tl.arange(0, BLOCK_N)
     k_ok = (kpos >= lo) & (kpos < hi)
-    blk = tl.load(bt_row + kpos // block_size, mask=k_ok, other=0).to(tl.int64)
-    within = (kpos % block_size).to(tl.int64)
-    ld_mask = k_ok[:, None] & d_ok[None, :]
-    k_ptrs = k_cache + blk[:, None] * stride_kb + within[:, None] * stride_kt + kv_head_off_k \
-        + offs_d[None, :]
-    v_ptrs = v_cache + blk[:, None] * stride_vb + within[:, None] * stride_vt + kv_head_off_v \
-        + offs_d[None, :]
-    k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
-    if IS_FP8:
-        # Every e4m3 value is exact in fp16/bf16/fp32, so cast without the scale; k_scale is
-        # folded into the logit scale and v_scale into the final normalisation (no rounding).
-        k = k.to(tl.float32).to(q.dtype)
-        v = v.to(tl.float32).to(q.dtype)
-
-    if IS_FP32:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * (sm_scale * k_scale)
-    if USE_SOFTCAP:
-        s = softcap * _tanh(s / softcap)
+    # one query head per program: every row shares the head's ALiBi slope
+    s, v = paged_scores(q, k_cache, v_cache, bt_row, kpos, k_ok, block_size,
+                        stride_kb, stride_kt, kv_head_off_k, stride_vb, stride_vt, kv_head_off_v,
+                        offs_d, d_ok, sm_scale * k_scale, softcap, qpos, slope + 0.0 * qpos,
+                        USE_SOFTCAP, USE_ALIBI, IS_FP8, DOT_PREC)
     dist = qpos[:, None] - kpos[None, :]
-    if USE_ALIBI:
-        s = s - slope * tl.abs(dist).to(tl.float32)
     visible = q_ok[:, None] & k_ok[None, :]
     if CAUSAL:
         visible = visible & (dist >= 0)
     if USE_WINDOW:
         visible = visible & (dist < window)
     s = tl.where(visible, s, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Guard: a row with nothing visible so far keeps m = -inf; subtract 0 instead of -inf.
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_use[:, None])
-    alpha = tl.exp(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if IS_FP32:
-        acc += tl.dot(p, v, input_precision="ieee")
-    else:
-        acc += tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    return online_softmax_update(acc, m_i, l_i, s, v, True, False, DOT_PREC)
 
 
 @triton.jit
@@ -105,7 +69,7 @@ def _prefix_prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr, IS_FP8: tl.constexpr,
-    IS_FP32: tl.constexpr, WRITE_LSE: tl.constexpr, SKIP_DECODE: tl.constexpr,
+    DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr, SKIP_DECODE: tl.constexpr,
 ):
     b = tl.program_id(0)
     mblk = tl.program_id(1)
@@ -159,7 +123,7 @@ def _prefix_prefill_kernel(
             k_cache, v_cache, bt_row, stride_kb, stride_kt, stride_vb, stride_vt,
             kvh * stride_kh, kvh * stride_vh, offs_d, d_ok, block_size, sm_scale, k_scale,
             softcap, window, slope,
-            BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, IS_FP32)
+            BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, DOT_PREC)
     # Phase 2: the sequence's new tokens (already written to the cache), causal.
     new_lo = tl.maximum(ctx_len, lo)
     for n0 in range((new_lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
@@ -168,7 +132,7 @@ def _prefix_prefill_kernel(
             k_cache, v_cache, bt_row, stride_kb, stride_kt, stride_vb, stride_vt,
             kvh * stride_kh, kvh * stride_vh, offs_d, d_ok, block_size, sm_scale, k_scale,
             softcap, window, slope,
-            BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, IS_FP32)
+            BLOCK_N, CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_ALIBI, IS_FP8, DOT_PREC)
 
     has_keys = l_i > 0.0
     denom = l_i
@@ -304,7 +268,7 @@ def prefix_prefill(query, key_cache, value_cache, block_table, query_start_loc, 
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D_PAD=D_PAD,
         CAUSAL=bool(causal), USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=bool(softcap), USE_ALIBI=alibi_slopes is not None,
-        USE_SINKS=sinks is not None, IS_FP8=is_fp8, IS_FP32=is_fp32,
+        USE_SINKS=sinks is not None, IS_FP8=is_fp8, DOT_PREC="ieee" if is_fp32 else "tf32",
         WRITE_LSE=True, SKIP_DECODE=bool(skip_decode),
         num_warps=4,
     )

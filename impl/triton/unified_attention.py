@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from impl.triton import compat
+from impl.triton.tiles import online_softmax_update, tanh
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -51,18 +52,6 @@ def _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
-
-
-@triton.jit
-def _tanh(x):
-    # tanh without libdevice (the interpreter has none): odd series near 0, exp form elsewhere.
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    t = tl.where(a < 0.2, small, big)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -99,7 +88,7 @@ def _attend(acc, m_i, l_i, q, j_lo, j_hi,
         if USE_SOFTCAP or USE_ALIBI:
             s = s * qk_scale  # natural units
             if USE_SOFTCAP:
-                s = softcap * _tanh(s / softcap)
+                s = softcap * tanh(s / softcap)
             if USE_ALIBI:
                 dist = tl.abs(qpos[:, None] - kpos[None, :]).to(tl.float32)
                 s = s - slope[:, None] * dist
@@ -113,14 +102,6 @@ def _attend(acc, m_i, l_i, q, j_lo, j_hi,
             if USE_WINDOW:
                 vis = vis & ((qpos[:, None] - kpos[None, :]) < window)
             s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:  # a row may have seen no key yet: keep exp2(-inf - -inf) out
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            shift = m_new
-        p = tl.exp2(s - shift[:, None])
-        alpha = tl.exp2(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = v_ptr + v_off[:, None] + offs_d[None, :] * stride_vd
         if MASKED:  # masked V rows are 0, so 0 * NaN never happens
             v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
@@ -130,9 +111,8 @@ def _attend(acc, m_i, l_i, q, j_lo, j_hi,
             v = tl.load(v_ptrs)
         if IS_FP8:
             v = v.to(q.dtype)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        # interior tiles: every row already sees a key, so no -inf shift guard is needed
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, MASKED, True, DOT_PREC)
     return acc, m_i, l_i
 
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from impl.triton import compat
+from impl.triton.tiles import online_softmax_update
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -100,17 +101,10 @@ def _varlen_fwd_kernel(
             valid = valid & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(valid, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no key yet keeps m = -inf; use 0 as its shift to avoid inf - inf
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = (k_start + offs_n).to(tl.int64) * stride_vt + kv_head * stride_vh
         v = tl.load(V + v_rows[:, None] + offs_v[None, :],
                     mask=n_mask[:, None] & (offs_v[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, True, DOT_PREC)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

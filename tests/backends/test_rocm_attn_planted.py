@@ -7,8 +7,6 @@ looks up at call time (``paged_decode.paged_decode`` / ``prefix_prefill.prefix_p
 backend code itself is untouched. Runs under TRITON_INTERPRET=1 on the CPU, tiny shapes.
 """
 
-import importlib.util
-import inspect
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from attncheck.cases import MHACase
 from impl.backends.rocm_attn import RocmAttnBackend
 from impl.platform import is_interpreter
 from impl.triton import paged_decode, prefix_prefill
+from tests.mutants import mutant
 
 pytestmark = [pytest.mark.smoke,
               pytest.mark.skipif(not is_interpreter() and not torch.cuda.is_available(),
@@ -35,20 +34,6 @@ WINDOW_EDGE = MHACase("planted-rocm-window-edge", seq_lens=(40, 10), query_lens=
 # key (stage 1 skips it); sequence 1 fits in partition 0.
 EMPTY_PARTITION = MHACase("planted-rocm-empty-partition", seq_lens=(300, 40), query_lens=(1, 1), dtype="fp16",
                           num_heads=4, num_kv_heads=2, sliding_window=16)
-
-
-def mutant(module, edits, tmp_path):
-    """A copy of ``module`` with each ``(old, new, count)`` edit applied, imported from tmp_path."""
-    src = inspect.getsource(module)
-    for old, new, count in edits:
-        assert src.count(old) == count, f"mutation target not found {count}x: {old!r}"
-        src = src.replace(old, new)
-    path = tmp_path / f"mutant_{module.__name__.rsplit('.', 1)[-1]}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(case):

@@ -7,8 +7,6 @@ shows the check has teeth. Partition sizes are small so sequences span many part
 sliding windows make whole partitions empty. Tolerances come from the dtype's epsilon.
 """
 
-import importlib.util
-import inspect
 import os
 
 import pytest
@@ -20,6 +18,7 @@ if not torch.cuda.is_available():
 from impl.triton import compat, paged_decode  # noqa: E402
 from reference.mha import paged_attention  # noqa: E402
 from tests.kernels.paged_inputs import make_paged  # noqa: E402
+from tests.mutants import mutant  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -29,21 +28,6 @@ pytestmark = pytest.mark.smoke
 @pytest.fixture(autouse=True)
 def _compat():
     compat.install()
-
-
-def mutant(module, edits, tmp_path):
-    """A copy of ``module`` with each ``(old, new, count)`` edit applied (a planted bug),
-    imported from tmp_path; ``old`` must occur exactly ``count`` times."""
-    src = inspect.getsource(module)
-    for old, new, count in edits:
-        assert src.count(old) == count, f"mutation target not found {count}x: {old!r}"
-        src = src.replace(old, new)
-    path = tmp_path / f"mutant_{module.__name__.rsplit('.', 1)[-1]}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_kernel(batch, knobs, kv, fn=None, **kw):
@@ -158,9 +142,8 @@ def test_poisoned_slots_do_not_change_the_output():
 def test_planted_read_of_unused_slots_is_caught(tmp_path):
     """Load the whole last cache block, masking only the scores (0 * NaN = NaN): must fail."""
     whole = "(kpos < tl.cdiv(seq_len, block_size) * block_size)"
-    bad = mutant(paged_decode, [
-        ("ld = k_ok[:, None] & d_ok[None, :]", f"ld = {whole}[:, None] & d_ok[None, :]", 1),
-        ("kpos // block_size, mask=k_ok, other=0)", f"kpos // block_size, mask={whole}, other=0)", 1),
+    bad = mutant(paged_decode, [  # the tile loads use the whole-block mask; the scores keep k_ok
+        ("bt_row, kpos, k_ok, block_size,", f"bt_row, kpos, {whole}, block_size,", 1),
     ], tmp_path)
     with pytest.raises(AssertionError, match="NaN"):
         check(*MANY, kernel_kw=P16, fn=bad.paged_decode, hq=4, hkv=2)
