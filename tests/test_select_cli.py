@@ -18,10 +18,8 @@ import pytest
 
 from attncheck import select_cmd
 from impl import platform as plat
-try:  # tests/ is a package in this repo; keep working if it ever is not
-    from tests.test_selection_matrix import SEED_ROWS, parse_command, seed_inputs
-except ImportError:  # pragma: no cover
-    from test_selection_matrix import SEED_ROWS, parse_command, seed_inputs
+from attncheck.seed_examples import parse_command
+from tests.selection.helpers import SEEDS, seed_id
 
 pytestmark = pytest.mark.smoke
 
@@ -107,7 +105,7 @@ def test_invalid_configuration_in_a_subprocess_exits_2():
 
 
 def seed_argv(row) -> list:
-    kw = seed_inputs(row)
+    kw = row.inputs()
     argv = ["--explain", "--arch", kw["arch"]]
     for key, value in kw["env"].items():
         argv += ["--env", f"{key}={value}"]
@@ -118,21 +116,22 @@ def seed_argv(row) -> list:
     return argv
 
 
-@pytest.mark.parametrize("row", SEED_ROWS, ids=lambda r: r.id)
+@pytest.mark.parametrize("row", SEEDS, ids=seed_id)
 def test_explain_answers_every_seed_example(row):
     rc, out, err = run_select(seed_argv(row))
     assert rc == 0, err
     lines = out.splitlines()
-    how = "explicit" if row.rule == "E-WINS" else f"automatic, rule {row.rule}"
-    assert f"backend: {row.backend} ({how})" in lines, out
-    assert any(line.startswith(f"block size: {row.block_size} (") for line in lines), out
+    want = row.expect
+    how = "explicit" if want.rule == "E-WINS" else f"automatic, rule {want.rule}"
+    assert f"backend: {want.backend} ({how})" in lines, out
+    assert any(line.startswith(f"block size: {want.block_size} (") for line in lines), out
     warnings = [line for line in lines if line.startswith("warning: ")]
-    assert len(warnings) == len(row.warns), out
-    for w in row.warns:
+    assert len(warnings) == len(want.warnings), out
+    for w in want.warnings:
         assert any(w in line for line in warnings), (w, out)
     rules = lines[lines.index("rules:") + 1:]
     assert rules and all(r.strip().split(". ", 1)[0].isdigit() for r in rules)
-    assert any(f". {row.rule}: " in r and row.backend in r for r in rules), out
+    assert any(f". {want.rule}: " in r and want.backend in r for r in rules), out
 
 
 def test_explain_prints_chain_even_for_an_error():
@@ -309,7 +308,7 @@ def test_is_interpreter():
 
 def test_seed_argv_round_trip():
     """The argv built for a seed row carries exactly its parsed environment."""
-    row = next(r for r in SEED_ROWS if r.id == "docs:80")
+    row = next(r for r in SEEDS if r.id == "rocm-attention-backends-docs:80")
     argv = seed_argv(row)
     assert argv == ["--explain", "--arch", "gfx942", "--env", "VLLM_ROCM_USE_AITER=1",
                     "--mla", "--block-size", "1"]
