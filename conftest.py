@@ -1,75 +1,53 @@
-"""pytest wiring for attncheck: options, device, tiers, backend plugins, xdist -> GPU mapping.
+"""pytest wiring of attncheck's own test suite.
 
-Options: --device {auto,cpu,cuda}, --tier {smoke,full,large}, --backend NAME..., and
---backend-plugin module:attr (repeatable). On the CPU the Triton interpreter is switched on
-before any kernel module is imported.
+The run settings (device, tier, backend plugins, the Triton interpreter on the CPU) come from
+attncheck's pytest plugin (``attncheck/pytest_plugin.py``), which also collects the backends x
+golden cases suite (listed in ``testpaths``). Here: the short option names this repository's
+commands use (``--device``, ``--tier``, ``--backend``, ``--backend-plugin``, the same settings
+as ``--attncheck-*``), the ``device`` and ``tier`` fixtures, and the skip of ``gpu`` tests off a GPU.
 """
 
-import os
-
 import pytest
+
+# Also when the entry point is not installed (a checkout on PYTHONPATH, a stale editable install).
+pytest_plugins = ["attncheck.pytest_plugin"]
 
 
 def pytest_addoption(parser):
     g = parser.getgroup("attncheck")
-    g.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                help="where backends run (auto: cuda if present, else cpu)")
-    g.addoption("--tier", default=None, choices=("smoke", "full", "large"),
-                help="golden tier (default: smoke on cpu, full on cuda)")
-    g.addoption("--backend", nargs="+", default=None, metavar="NAME",
-                help="backends to check (default: all registered)")
-    g.addoption("--backend-plugin", action="append", default=[], metavar="MODULE:ATTR",
-                help="register third-party backends from MODULE:ATTR")
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except Exception:
-        return False
-
-
-def resolve_device(config) -> str:
-    dev = config.getoption("--device")
-    if dev == "auto":
-        dev = "cuda" if _cuda_available() else "cpu"
-    return dev
+    g.addoption("--device", dest="attncheck_device", choices=("auto", "cpu", "cuda"),
+                help="short for --attncheck-device")
+    g.addoption("--tier", dest="attncheck_tier", choices=("smoke", "full", "large"), help="short for --attncheck-tier")
+    g.addoption("--backend", dest="attncheck_backend", nargs="+", metavar="NAME", help="short for --attncheck-backend")
+    g.addoption("--backend-plugin", dest="attncheck_backend_plugin", action="append", metavar="MODULE:ATTR",
+                help="short for --attncheck-backend-plugin")
 
 
 def pytest_configure(config):
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and "CUDA_VISIBLE_DEVICES" not in os.environ and config.getoption("--device") != "cpu":
-        # One GPU per xdist worker, chosen before CUDA initialises (gwN -> GPU N mod count).
-        try:
-            import torch
-            n = torch.cuda.device_count()
-        except Exception:
-            n = 0
-        if n > 1:
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker[2:]) % n)
-    device = resolve_device(config)
-    if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    tier = config.getoption("--tier") or ("smoke" if device == "cpu" else "full")
-    config.attncheck = {"device": device, "tier": tier}
-    for spec in config.getoption("--backend-plugin"):
-        from attncheck import backends
-        backends.load_plugin(spec)
+    from attncheck import pytest_plugin
+
+    pytest_plugin.setup_run(config)  # every test here runs on the resolved device
 
 
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> str:
-    return pytestconfig.attncheck["device"]
+    """"cpu" or "cuda": where this run's kernels and backends execute."""
+    from attncheck import pytest_plugin
+
+    return pytest_plugin.setup_run(pytestconfig).device
 
 
 @pytest.fixture(scope="session")
 def tier(pytestconfig) -> str:
-    return pytestconfig.attncheck["tier"]
+    from attncheck import pytest_plugin
+
+    return pytest_plugin.setup_run(pytestconfig).tier
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.attncheck["device"] != "cuda":
+    from attncheck import pytest_plugin
+
+    if pytest_plugin.setup_run(config).device != "cuda":
         skip = pytest.mark.skip(reason="needs a CUDA GPU (run with --device cuda on a GPU machine)")
         for item in items:
             if "gpu" in item.keywords:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import os
+import sys
 from typing import Iterable
 
 from impl.backend import Backend
@@ -35,7 +37,7 @@ class UnknownBackendError(KeyError):
 
 
 class PluginError(ValueError):
-    pass
+    """A backend plugin that cannot be loaded; the message is one line naming the source."""
 
 
 _plugins: dict = {}
@@ -43,14 +45,21 @@ _instances: dict = {}
 _entry_points_loaded = False
 
 
-def _import_target(spec: str):
-    if ":" not in spec:
-        raise PluginError(f"--backend-plugin {spec!r}: expected 'module:attr'")
-    mod, attr = spec.split(":", 1)
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _import_target(spec) -> object:
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise PluginError(f"--backend-plugin {spec!r}: expected 'module:attr' (e.g. my_backends:BACKEND)")
+    mod, attr = spec.split(":")
+    # like `python -m`, the current directory is importable (a user's my_backends.py, tests.plugins...)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(mod)
-    except ImportError as e:
-        raise PluginError(f"--backend-plugin {spec!r}: cannot import module {mod!r} ({e})") from None
+    except Exception as e:  # ImportError, SyntaxError, or whatever the module raises at import
+        raise PluginError(f"--backend-plugin {spec!r}: cannot import module {mod!r} ({_one_line(e)})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise PluginError(f"--backend-plugin {spec!r}: module {mod!r} has no attribute {attr!r}")
@@ -64,17 +73,26 @@ def _materialise(obj, source: str) -> list:
         for o in obj:
             out += _materialise(o, source)
         return out
-    if isinstance(obj, type):
-        obj = obj()
-    elif callable(obj) and not isinstance(obj, Backend):
-        obj = obj()
-        return _materialise(obj, source)
+    if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Backend)):
+        what = obj.__name__ if hasattr(obj, "__name__") else repr(obj)
+        try:
+            made = obj()
+        except Exception as e:  # a factory that raises, or needs arguments (time:sleep)
+            raise PluginError(f"{source}: calling {what}() to make a backend failed ({_one_line(e)}); "
+                              "expected a backend, a class or a factory taking no arguments") from None
+        return [_checked(made, source)] if isinstance(obj, type) else _materialise(made, source)
+    return [_checked(obj, source)]
+
+
+def _checked(obj, source: str):
     missing = [a for a in ("name", "kind", "capabilities", "availability", "run") if not hasattr(obj, a)]
     if missing:
-        raise PluginError(f"{source}: {obj!r} is not a backend (missing {', '.join(missing)})")
+        raise PluginError(f"{source}: {type(obj).__name__} object is not a backend (missing {', '.join(missing)})")
+    if not isinstance(obj.name, str) or not obj.name.strip():
+        raise PluginError(f"{source}: backend {type(obj).__name__} has name {obj.name!r}; expected a non-empty string")
     if obj.kind not in ("MHA", "MLA"):
         raise PluginError(f"{source}: backend {obj.name} has kind {obj.kind!r}, expected 'MHA' or 'MLA'")
-    return [obj]
+    return obj
 
 
 def register(backend, source: str = "register()") -> list:
@@ -98,7 +116,12 @@ def _load_entry_points() -> None:
         return
     _entry_points_loaded = True
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        register(ep.load(), source=f"entry point {ep.name} ({ep.value})")
+        source = f"entry point {ep.name} ({ep.value})"
+        try:
+            target = ep.load()
+        except Exception as e:
+            raise PluginError(f"{source}: cannot be loaded ({_one_line(e)})") from None
+        register(target, source=source)
 
 
 def reload_entry_points() -> None:
@@ -129,7 +152,18 @@ def get_backend(name: str):
     raise UnknownBackendError(f"unknown backend {name!r}{hint} Valid backends: {', '.join(names())}")
 
 
-def resolve(requested: Iterable[str] | None) -> list:
-    """Backend objects for the names given (None = all registered)."""
-    chosen = list(requested) if requested else names()
-    return [get_backend(n) for n in chosen]
+def check_name(name: str) -> None:
+    """Raise UnknownBackendError (closest name, valid names) unless ``name`` is registered."""
+    try:
+        get_backend(name)
+    except PluginError:
+        pass  # registered but broken: reported per case as an error
+
+
+def kind_of(name: str):
+    """The backend's attention kind, or None when it cannot be loaded (its cases then report
+    the load error instead of vanishing)."""
+    try:
+        return get_backend(name).kind
+    except (UnknownBackendError, PluginError):
+        return None

@@ -192,8 +192,10 @@ def cmd_bench(args) -> int:
         return 2
     rows = run(backends=args.backend, with_mla=not args.no_mla)
     if args.json:
-        from attncheck.cli import _write_json
-        _write_json(args.json, rows)
+        import json
+
+        from attncheck.report import write_atomic
+        write_atomic(args.json, (json.dumps(rows, indent=1, default=str) + "\n").encode())
     return 0
 
 

@@ -1,48 +1,76 @@
-"""Collect verdicts from a pytest run (xdist included) and render the backend x family matrix."""
+"""Verdicts of a run: gathered from pytest (xdist workers included) as data, and rendered as the
+backend x family matrix, the list of problems, JSON and JUnit XML.
+
+The pytest plugin attaches each verdict to its test report as a plain dict
+(``report.attncheck_verdict``); xdist carries report attributes from the workers to the
+controller, where ``VerdictCollector`` turns them back into ``Verdict`` objects.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import xml.etree.ElementTree as ET
 from collections import defaultdict
+from pathlib import Path
 
-STATUSES = ("pass", "fail", "xfail", "skip", "error")
+from tabulate import tabulate
+
+from attncheck.harness import STATUSES, Verdict, json_safe
+
+REPORT_ATTRIBUTE = "attncheck_verdict"
+CELL_TAGS = (("pass", "P"), ("fail", "F"), ("xfail", "X"), ("error", "E"), ("skip", "S"))
+LEGEND = ("P pass, F fail, X expected failure (declared known issue), E error, S skip; number = worst "
+          "per-row error/budget ratio (fails above 1.00); n/a = a failure with no per-row ratio "
+          "(wrong output shape or dtype, a rejected batch)")
+REPORT_LINES = 20  # lines of each problem's report in the text listing (the JSON has all of it)
 
 
 class VerdictCollector:
-    """A pytest plugin object: gathers the verdict each test records (also from xdist workers,
-    whose reports reach the controller with their user_properties)."""
+    """A pytest plugin object that gathers the verdict of every backend x case test."""
 
-    def __init__(self, progress=None):
+    def __init__(self):
         self.verdicts: list = []
-        self.progress = progress
+        self._seen: set = set()
 
     def pytest_runtest_logreport(self, report):
-        for key, value in getattr(report, "user_properties", ()):
-            if key == "attncheck" and report.when == "call" or (key == "attncheck" and report.skipped):
-                v = json.loads(value)
-                if not any(x["backend"] == v["backend"] and x["case"] == v["case"] for x in self.verdicts):
-                    self.verdicts.append(v)
+        data = getattr(report, REPORT_ATTRIBUTE, None)
+        if data is None:
+            return
+        key = (data["backend"], data["case"])
+        if key not in self._seen:
+            self._seen.add(key)
+            self.verdicts.append(Verdict.from_dict(data))
+
+    def sorted(self) -> list:
+        return sorted(self.verdicts, key=lambda v: (v.backend, v.case))
 
 
 def matrix(verdicts: list) -> dict:
-    """{backend: {family: {"pass": n, ..., "worst": ratio}}} plus an "ALL" column."""
-    out: dict = defaultdict(lambda: defaultdict(lambda: {s: 0 for s in STATUSES} | {"worst": 0.0}))
+    """{backend: {family: {"pass": n, ..., "worst": ratio or None, "unrated_failures": n}}},
+    with an "ALL" column."""
+    def new_cell():
+        return {s: 0 for s in STATUSES} | {"worst": None, "unrated_failures": 0}
+    out: dict = defaultdict(lambda: defaultdict(new_cell))
     for v in verdicts:
-        for fam in (v.get("family") or "-", "ALL"):
-            cell = out[v["backend"]][fam]
-            cell[v["status"]] += 1
-            if v["status"] in ("pass", "fail", "xfail"):
-                cell["worst"] = max(cell["worst"], float(v.get("worst_ratio") or 0.0))
-    return out
+        for fam in (v.family or "-", "ALL"):
+            cell = out[v.backend][fam]
+            cell[v.status] += 1
+            if v.status not in ("pass", "fail", "xfail"):
+                continue
+            if v.worst_ratio is None:
+                cell["unrated_failures"] += v.status != "pass"
+            else:
+                cell["worst"] = max(cell["worst"] or 0.0, float(v.worst_ratio))
+    return {b: dict(fams) for b, fams in out.items()}
 
 
 def _cell_text(c: dict) -> str:
-    parts = []
-    for s, tag in (("pass", "P"), ("fail", "F"), ("xfail", "X"), ("error", "E"), ("skip", "S")):
-        if c[s]:
-            parts.append(f"{c[s]}{tag}")
-    text = " ".join(parts) or "-"
-    if c["pass"] + c["fail"] + c["xfail"]:
+    text = " ".join(f"{c[s]}{tag}" for s, tag in CELL_TAGS if c[s]) or "-"
+    if c["unrated_failures"]:
+        text += " n/a"
+    elif c["worst"] is not None:
         text += f" {c['worst']:.2f}"
     return text
 
@@ -52,39 +80,113 @@ def render_matrix(verdicts: list) -> str:
     if not m:
         return "(no results)"
     fams = sorted({f for b in m.values() for f in b if f != "ALL"}) + ["ALL"]
-    rows = [["backend"] + fams]
-    for b in sorted(m):
-        rows.append([b] + [_cell_text(m[b][f]) if f in m[b] else "" for f in fams])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(fams) + 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("")
-    lines.append("P pass, F fail, X expected failure (declared known issue), E error, S skip; "
-                 "number = worst per-row error/budget ratio (fails above 1.00)")
-    return "\n".join(lines)
+    rows = [[b] + [_cell_text(m[b][f]) if f in m[b] else "" for f in fams] for b in sorted(m)]
+    return tabulate(rows, headers=["backend"] + fams, tablefmt="simple") + "\n\n" + LEGEND
 
 
-def render_problems(verdicts: list, limit: int = 20) -> str:
+def _indented_report(v: Verdict) -> list:
+    lines = (v.report or "").strip().splitlines()
+    shown = ["    " + ln for ln in lines[:REPORT_LINES]]
+    if len(lines) > REPORT_LINES:
+        shown.append(f"    ... {len(lines) - REPORT_LINES} more lines (the JSON report has them all)")
+    return shown
+
+
+def render_problems(verdicts: list) -> str:
+    """Every failure and error (each with the head of its report), skips grouped by reason,
+    expected failures with their declared issue."""
     lines = []
-    bad = [v for v in verdicts if v["status"] in ("fail", "error")]
-    for v in bad[:limit]:
-        lines.append(f"{v['status'].upper()} {v['backend']} :: {v['case']}: {v.get('reason', '')}")
-        rep = (v.get("report") or "").strip()
-        if rep:
-            lines += ["    " + ln for ln in rep.splitlines()[:14]]
-    if len(bad) > limit:
-        lines.append(f"... and {len(bad) - limit} more")
-    skips = defaultdict(int)
+    bad = [v for v in verdicts if v.status in ("fail", "error")]
+    if bad:
+        lines.append(f"{len(bad)} failure(s) and error(s):")
+    for v in bad:
+        lines.append(f"{v.status.upper()} {v.backend} :: {v.case}: {v.reason}")
+        lines += _indented_report(v)
+    skips: dict = defaultdict(int)
     for v in verdicts:
-        if v["status"] == "skip":
-            skips[(v["backend"], v.get("reason", ""))] += 1
+        if v.status == "skip":
+            skips[(v.backend, v.reason)] += 1
     if skips:
         lines.append("skipped (backend: reason x cases):")
-        for (b, r), n in sorted(skips.items()):
-            lines.append(f"  {b}: {r} x{n}")
-    xf = [v for v in verdicts if v["status"] == "xfail"]
-    if xf:
+        lines += [f"  {b}: {r} x{n}" for (b, r), n in sorted(skips.items())]
+    xfails = [v for v in verdicts if v.status == "xfail"]
+    if xfails:
         lines.append("expected failures:")
-        for v in xf:
-            lines.append(f"  {v['backend']} :: {v['case']}: {v.get('reason', '')}")
+        lines += [f"  {v.backend} :: {v.case}: {v.reason}" for v in xfails]
     return "\n".join(lines)
+
+
+def counts(verdicts: list) -> dict:
+    return {s: sum(v.status == s for v in verdicts) for s in STATUSES}
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def check_writable(path, option: str) -> Path:
+    """Fail before a run, not after it: ``path`` must name a file we can create or replace.
+    Raises ValueError naming ``option``; leaves nothing behind."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; expected a file path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: directory {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=".probe")
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return p
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and one rename (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def json_report(verdicts: list, settings, environment: dict) -> dict:
+    return json_safe({"device": settings.device, "tier": settings.tier, "provider": settings.provider,
+                      "counts": counts(verdicts), "verdicts": [v.as_dict() for v in verdicts],
+                      "matrix": matrix(verdicts), "environment": environment})
+
+
+def write_json(path, verdicts: list, settings, environment: dict) -> None:
+    text = json.dumps(json_report(verdicts, settings, environment), indent=1, allow_nan=False)
+    write_atomic(path, (text + "\n").encode())
+
+
+def junit_xml(verdicts: list, suite: str = "attncheck") -> bytes:
+    """JUnit XML: a fail is a <failure>, an error (the backend raised) an <error>, a skip
+    <skipped>; an expected failure (declared known issue) is not a skip: it counts among the
+    tests, carries the property attncheck.status=xfail, and the suite's ``xfailed`` attribute."""
+    n = counts(verdicts)
+    root = ET.Element("testsuites")
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(verdicts)), failures=str(n["fail"]),
+                       errors=str(n["error"]), skipped=str(n["skip"]), xfailed=str(n["xfail"]),
+                       time=f"{sum(v.seconds for v in verdicts):.3f}")
+    for v in verdicts:
+        tc = ET.SubElement(ts, "testcase", classname=f"attncheck.{v.backend}", name=v.case, time=f"{v.seconds:.3f}")
+        props = ET.SubElement(tc, "properties")
+        for key in ("status", "provider", "family", "tier", "device", "worst_ratio"):
+            ET.SubElement(props, "property", name=f"attncheck.{key}", value=str(getattr(v, key)))
+        if v.status == "fail":
+            ET.SubElement(tc, "failure", message=v.reason).text = v.report
+        elif v.status == "error":
+            ET.SubElement(tc, "error", message=v.reason).text = v.report
+        elif v.status == "skip":
+            ET.SubElement(tc, "skipped", message=v.reason)
+        elif v.status == "xfail":
+            ET.SubElement(tc, "system-out").text = f"expected failure: {v.reason}\n{v.report}"
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"

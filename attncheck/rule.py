@@ -40,8 +40,10 @@ class Check:
 class RuleResult:
     passed: bool
     checks: list = field(default_factory=list)
-    worst_ratio: float = 0.0  # max over rows of error / budget (> 1 fails)
-    mean_ratio: float = 0.0
+    # max over rows of error / budget (> 1 fails); None when the rows could not be compared
+    # (wrong output shape): such a failure has no ratio, it is not "0.00"
+    worst_ratio: Optional[float] = None
+    mean_ratio: Optional[float] = None
     diagnostics: dict = field(default_factory=dict)
     failing_rows: list = field(default_factory=list)  # dicts, worst first
 
@@ -77,6 +79,16 @@ def locate_token(tensors: dict, token: int, block_size: int, causal: bool = True
     blocks = tensors["block_table"][b, first // block_size: last // block_size + 1].tolist()
     return {"sequence": b, "position": pos, "q_len": q_len, "seq_len": seq_len,
             "kv_range": (first, last), "kv_blocks": blocks}
+
+
+def failing_row(locate: Optional[Callable], token: int, head: int, check: str, error: float = float("nan"),
+                budget: float = float("nan"), ratio: float = float("nan")) -> dict:
+    """One failing (token, head) row as data: where it lives (sequence, position in it, the KV
+    blocks it reads; None when the case cannot locate rows) and how far off it is."""
+    where = locate(token) if locate is not None else {}
+    return {"check": check, "sequence": where.get("sequence"), "token": token, "position": where.get("position"),
+            "head": head, "kv_blocks": list(where.get("kv_blocks", [])) if where else None,
+            "error": error, "budget": budget, "ratio": ratio, "where": _describe_row(locate, token, head)}
 
 
 def _describe_row(locate: Optional[Callable], token: int, head: int) -> str:
@@ -115,6 +127,7 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
         rows = sorted({(int(t), int(h)) for t, h, _ in idx.tolist()})
         shown = "; ".join(_describe_row(locate, t, h) for t, h in rows[:WORST_ROWS])
         checks.append(Check("finite", False, f"{len(rows)} rows hold NaN/Inf where the reference is finite: {shown}"))
+        result.failing_rows += [failing_row(locate, t, h, "finite") for t, h in rows[:WORST_ROWS]]
         o = torch.where(nonfinite, torch.zeros_like(o), o)
     else:
         checks.append(Check("finite", True))
@@ -133,13 +146,14 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
         rows = []
         for i in order[: min(WORST_ROWS, int(bad.sum()))].tolist():
             t, h = divmod(i, H)
-            rows.append({"token": t, "head": h, "error": float(err_row[t, h]), "budget": float(budget_row[t, h]),
-                         "ratio": float(ratio[t, h]), "where": _describe_row(locate, t, h)})
-        result.failing_rows = rows
+            rows.append(failing_row(locate, t, h, "per-row", float(err_row[t, h]), float(budget_row[t, h]),
+                                    float(ratio[t, h])))
+        result.failing_rows += rows
         shown = "\n".join(f"      {r['where']}: error {r['error']:.3e}, budget {r['budget']:.3e}, ratio {r['ratio']:.2f}"
                           for r in rows)
         checks.append(Check(f"per-row (k={k_row:g})", False,
-                            f"{int(bad.sum())} of {bad.numel()} rows over budget; worst:\n{shown}"))
+                            f"{int(bad.sum())} of {bad.numel()} rows over budget, worst ratio "
+                            f"{result.worst_ratio:.2f}; worst rows:\n{shown}"))
     else:
         checks.append(Check(f"per-row (k={k_row:g})", True, f"worst ratio {result.worst_ratio:.3f}"))
 
@@ -150,7 +164,9 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
                         f"mean error {mean_err:.3e}, budget {mean_budget:.3e}, ratio {result.mean_ratio:.3f}"))
 
     if lse is not None and "expected.lse" in expected:
-        checks.append(_compare_lse(lse, expected, k_row, locate))
+        lse_check, lse_rows = _compare_lse(lse, expected, k_row, locate)
+        checks.append(lse_check)
+        result.failing_rows += lse_rows
 
     num = float((o * ref).sum())
     den = float((o * o).sum() + (ref * ref).sum())
@@ -163,23 +179,26 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
     return result
 
 
-def _compare_lse(lse: torch.Tensor, expected: dict, k: float, locate) -> Check:
+def _compare_lse(lse: torch.Tensor, expected: dict, k: float, locate) -> tuple[Check, list]:
+    """The LSE check and its failing rows (worst first)."""
     ref = expected["expected.lse"].to(torch.float64)
     if tuple(lse.shape) != tuple(ref.shape):
-        return Check("lse", False, f"shape {tuple(lse.shape)}, expected {tuple(ref.shape)} ([heads, tokens])")
+        return Check("lse", False, f"shape {tuple(lse.shape)}, expected {tuple(ref.shape)} ([heads, tokens])"), []
     got = lse.detach().to("cpu", torch.float64)
     pt = expected["budget.lse_pt_err"].to(torch.float64)
     if bool(torch.isnan(got).any()):
         h, t = got.isnan().nonzero()[0].tolist()
-        return Check("lse", False, f"NaN LSE at {_describe_row(locate, t, h)}")
+        return Check("lse", False, f"NaN LSE at {_describe_row(locate, t, h)}"), [failing_row(locate, t, h, "lse")]
     ref_inf, got_inf = torch.isneginf(ref), torch.isneginf(got)
     if bool(torch.isposinf(got).any()):
         h, t = torch.isposinf(got).nonzero()[0].tolist()
-        return Check("lse", False, f"+inf LSE (empty rows must be -inf) at {_describe_row(locate, t, h)}")
+        return (Check("lse", False, f"+inf LSE (empty rows must be -inf) at {_describe_row(locate, t, h)}"),
+                [failing_row(locate, t, h, "lse", error=float("inf"))])
     if not torch.equal(ref_inf, got_inf):
         h, t = (ref_inf ^ got_inf).nonzero()[0].tolist()
-        return Check("lse", False, f"-inf pattern differs (reference {float(ref[h, t])}, got {float(got[h, t])}) "
-                                   f"at {_describe_row(locate, t, h)}")
+        return (Check("lse", False, f"-inf pattern differs (reference {float(ref[h, t])}, got {float(got[h, t])}) "
+                                    f"at {_describe_row(locate, t, h)}"),
+                [failing_row(locate, t, h, "lse", error=float("inf"))])
     fin = ~ref_inf
     diff = torch.where(fin, (got - ref).abs(), torch.zeros_like(ref))
     budget = torch.maximum(k * pt, LSE_ABS_FLOOR + LSE_REL_FLOOR * ref.abs().nan_to_num(0.0, 0.0, 0.0))
@@ -187,12 +206,15 @@ def _compare_lse(lse: torch.Tensor, expected: dict, k: float, locate) -> Check:
     if bool(bad.any()):
         ratio = torch.where(fin, diff / budget, torch.zeros_like(diff))
         h, t = divmod(int(torch.argmax(ratio)), ratio.shape[1])
-        return Check("lse", False, f"{int(bad.sum())} LSE rows over budget; worst {_describe_row(locate, t, h)}: "
-                                   f"got {float(got[h, t]):.6f}, reference {float(ref[h, t]):.6f}")
-    return Check("lse", True)
+        order = torch.argsort(ratio.flatten(), descending=True)[: min(WORST_ROWS, int(bad.sum()))].tolist()
+        rows = [failing_row(locate, i % ratio.shape[1], i // ratio.shape[1], "lse", float(diff.flatten()[i]),
+                            float(budget.flatten()[i]), float(ratio.flatten()[i])) for i in order]
+        return (Check("lse", False, f"{int(bad.sum())} LSE rows over budget; worst {_describe_row(locate, t, h)}: "
+                                    f"got {float(got[h, t]):.6f}, reference {float(ref[h, t]):.6f}"), rows)
+    return Check("lse", True), []
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def bits(t: torch.Tensor) -> torch.Tensor:
     """Bit pattern view so that NaN == NaN and -0 != +0 (exact comparison)."""
     size = t.element_size()
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
@@ -206,11 +228,11 @@ def compare_cache(name: str, before: torch.Tensor, after: torch.Tensor, slot_map
     if after.dtype != before.dtype or after.shape != before.shape:
         return Check(f"{name} write", False, f"cache changed dtype/shape to {after.dtype} {tuple(after.shape)}")
     tail = tuple(before.shape[2:])
-    flat_after = _bits(after).reshape(-1, *tail)
-    flat_before = _bits(before).reshape(-1, *tail)
+    flat_after = bits(after).reshape(-1, *tail)
+    flat_before = bits(before).reshape(-1, *tail)
     slots = slot_mapping.cpu().long()
     got = flat_after[slots]
-    want = _bits(expected_slots.cpu())
+    want = bits(expected_slots.cpu())
     if not torch.equal(got, want):
         mism = (got != want).reshape(got.shape[0], -1).any(dim=1).nonzero().flatten()
         t = int(mism[0])

@@ -193,3 +193,29 @@ def is_interpreter(env: Optional[Mapping[str, str]] = None) -> bool:
     """Triton kernels run in the interpreter (TRITON_INTERPRET=1), i.e. on the CPU."""
     env = os.environ if env is None else env
     return env.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def kernel_target(env: Optional[Mapping[str, str]] = None) -> str:
+    """Where Triton kernels launched by this process run: 'interpreter' (TRITON_INTERPRET=1,
+    on the CPU), 'rocm', 'cuda', or 'none' (no GPU and no interpreter)."""
+    if is_interpreter(env):
+        return "interpreter"
+    if is_rocm():
+        return "rocm"
+    if is_cuda():
+        return "cuda"
+    return "none"
+
+
+BOTH_FP8 = frozenset({FP8_E4M3FN, FP8_E4M3FNUZ})
+
+
+def triton_fp8_flavours(env: Optional[Mapping[str, str]] = None) -> frozenset:
+    """fp8 KV-cache flavours Triton kernels can read here: both under the interpreter;
+    compiled CUDA Triton has no e4m3fnuz; on ROCm the arch's own flavour (fnuz on gfx942)."""
+    target = kernel_target(env)
+    if target == "interpreter":
+        return BOTH_FP8
+    if target == "rocm":
+        return frozenset({detect_platform(env=env).fp8_flavour()})
+    return frozenset({FP8_E4M3FN})

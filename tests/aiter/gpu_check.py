@@ -45,7 +45,7 @@ def main():
                 v = harness.run_backend(be, case, device="cuda", tensors=tensors)
                 if v.status == "pass" and tier == "smoke":
                     continue
-                print(f"{v.status:5s} {v.worst_ratio:8.3f} {v.seconds:5.1f}s {be:24s} {name} {v.reason[:110]}", flush=True)
+                print(f"{v.status:5s} {v.worst_ratio or 0.0:8.3f} {v.seconds:5.1f}s {be:24s} {name} {v.reason[:110]}", flush=True)
                 if v.status in ("fail", "error"):
                     print("   ", v.report[-900:].replace("\n", "\n    "))
             print(f"   ({time.time() - t0:.1f}s)", flush=True)

@@ -1,0 +1,123 @@
+"""``attncheck verify``: every backend x every golden case of a tier, through the pytest plugin.
+
+The options are checked before anything runs (device, tier, provider, backend names and
+plugins, the golden store, output paths): a bad one is a one-line error and exit 2. Then
+``attncheck.pytest_plugin`` runs the cases (xdist workers on the CPU), prints progress, the
+backend x family matrix and every failure, and writes the JSON and JUnit files. Exit 1 on any
+failure or error, or when nothing ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from attncheck import cases, runtime
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of workers >= 0, got {n}")
+    return n
+
+
+def register(subparsers) -> None:
+    v = subparsers.add_parser("verify", help="run backends x golden cases of a tier and print the matrix")
+    v.add_argument("--device", choices=("auto",) + runtime.DEVICES, default=None,
+                   help="default: cuda if present, else cpu")
+    v.add_argument("--tier", choices=cases.TIERS, default=None, help="default: smoke on cpu, full on cuda")
+    v.add_argument("--backend", nargs="+", default=None, metavar="NAME", help="default: every registered backend")
+    v.add_argument("--backend-plugin", action="append", default=[], metavar="MODULE:ATTR",
+                   help="register backends from MODULE:ATTR (the current directory is importable)")
+    v.add_argument("--case", nargs="+", default=None, metavar="NAME", help="only these cases of the tier")
+    v.add_argument("--provider", choices=runtime.PROVIDERS, default=None,
+                   help="kernel provider: vllm (vLLM's own kernels; an error if they cannot be loaded) or "
+                        "stand-in (the project's Triton kernels); default: vLLM's where they load")
+    v.add_argument("--json", default=None, metavar="PATH", help="write verdicts, matrix and environment as JSON")
+    v.add_argument("--junit", default=None, metavar="PATH", help="write a JUnit XML report")
+    v.add_argument("-n", "--workers", type=_workers, default=None,
+                   help="pytest-xdist workers (default 2 on cpu, 1 on cuda; 0 = in this process)")
+    v.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"attncheck verify: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _check(args):
+    """Everything that can be wrong before running, as a one-line message (None = fine)."""
+    from attncheck import backends, golden, report
+
+    for path, option in ((args.json, "--json"), (args.junit, "--junit")):
+        if path:
+            report.check_writable(path, option)
+    settings = runtime.resolve(args.device, args.tier, args.provider)
+    if settings.tier in cases.STORED_TIERS:
+        try:
+            golden.read_manifest()
+        except golden.GoldenError as e:
+            raise ValueError(f"golden store: {e}") from None
+    for spec in args.backend_plugin:
+        backends.load_plugin(spec)
+    for name in args.backend or ():
+        backends.check_name(name)
+    for name in args.case or ():
+        cases.get_case(name)
+    return settings
+
+
+def pytest_args(args, settings, session_dir: str) -> list:
+    """Arguments of the pytest run: the plugin's suite alone, in an empty directory with an
+    empty ini file, so that nothing around (a project's conftest, ini or tests) takes part."""
+    pargs = [session_dir, "-c", str(Path(session_dir) / "pytest.ini"), "--rootdir", session_dir, "--noconftest",
+             "-p", "attncheck.pytest_plugin", "-p", "no:cacheprovider", "-q", "--tb=no", "-rN", "--attncheck",
+             "--attncheck-device", settings.device, "--attncheck-tier", settings.tier]
+    if settings.provider:
+        pargs += ["--attncheck-provider", settings.provider]
+    if args.backend:
+        pargs += ["--attncheck-backend", *args.backend]
+    if args.case:
+        pargs += ["--attncheck-case", *args.case]
+    for spec in args.backend_plugin:
+        pargs += ["--attncheck-backend-plugin", spec]
+    for path, option in ((args.json, "--attncheck-json"), (args.junit, "--attncheck-junit")):
+        if path:
+            pargs += [option, str(Path(path).absolute())]
+    workers = args.workers if args.workers is not None else (2 if settings.device == "cpu" else 1)
+    if workers > 1:
+        pargs += ["-n", str(workers)]
+    return pargs
+
+
+def run(args) -> int:
+    import pytest
+
+    from attncheck import backends, golden, report
+
+    try:
+        settings = _check(args)
+    except (runtime.SetupError, backends.PluginError, backends.UnknownBackendError, golden.GoldenError,
+            ValueError) as e:
+        return _fail(str(e))
+    except KeyError as e:  # an unknown case name (the message names the closest ones)
+        return _fail(str(e.args[0]))
+    chosen = args.backend or backends.names()
+    print(f"attncheck verify: tier {settings.tier} on {settings.device}; backends: {', '.join(chosen)}", flush=True)
+    collector = report.VerdictCollector()
+    with tempfile.TemporaryDirectory(prefix="attncheck-verify-") as session_dir:
+        (Path(session_dir) / "pytest.ini").write_text("[pytest]\n")
+        rc = pytest.main(pytest_args(args, settings, session_dir), plugins=[collector])
+    if rc == pytest.ExitCode.USAGE_ERROR:
+        return 2
+    if not collector.verdicts:
+        print("attncheck verify: no backend x case pairs were run", file=sys.stderr)
+        return 1
+    n = report.counts(collector.verdicts)
+    return 1 if (rc not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or n["fail"] or n["error"]) else 0
