@@ -8,6 +8,7 @@
     attncheck golden verify
     attncheck select  ...   (see `attncheck select --help`)
     attncheck bench   ...   (GPU; see `attncheck bench --help`)
+    attncheck replay | minimize | report | check-dump   (numerics debugging: docs/debugging.md)
 
 Each sub-command lives in its own module with ``register(subparsers)``, which adds its parser
 and sets ``func`` (parsed args -> exit code). A new command is one module and one line below.
@@ -25,6 +26,7 @@ SUBCOMMANDS = (
     "attncheck.golden_cmd",
     "attncheck.select_cmd",
     "attncheck.bench",
+    "attncheck.debug.commands",
 )
 
 

@@ -9,6 +9,7 @@ Installed with attncheck (entry point ``pytest11``), so any project can run
 ``--attncheck-backend NAME ...`` (default: every registered backend),
 ``--attncheck-backend-plugin MODULE:ATTR`` (repeatable), ``--attncheck-case NAME ...``,
 ``--attncheck-provider vllm|stand-in``, ``--attncheck-json PATH``, ``--attncheck-junit PATH``,
+``--attncheck-save-failures DIR`` (repro bundles, docs/debugging.md),
 ``--attncheck`` (collect the suite with the defaults). Giving any of the tier, backend or case
 options, or ``--attncheck``, adds the suite to the run.
 
@@ -59,6 +60,8 @@ def pytest_addoption(parser):
                 help="write verdicts, matrix and environment as JSON")
     g.addoption("--attncheck-junit", dest="attncheck_junit", default=None, metavar="PATH",
                 help="write a JUnit XML report of the verdicts (a backend exception is an <error>)")
+    g.addoption("--attncheck-save-failures", dest="attncheck_save_failures", default=None, metavar="DIR",
+                help="write each failing or erroring verdict as a repro bundle (safetensors) into DIR")
     parser.addini("attncheck_suite_with_testpaths", type="bool", default=False,
                   help="attncheck: also collect the backends x golden cases suite when pytest runs the "
                        "testpaths (no paths given on the command line)")
@@ -189,7 +192,13 @@ class BackendCaseItem(pytest.Item):
         from attncheck import harness
 
         settings = setup_run(self.config)
-        self.verdict = v = harness.run_backend(self.backend, self.case, device=settings.device)
+        save_dir = self.config.option.attncheck_save_failures
+        self.verdict = v = harness.run_backend(self.backend, self.case, device=settings.device,
+                                               keep_artifacts=bool(save_dir))
+        if save_dir and v.status in ("fail", "error"):  # written here, in the worker that has the tensors
+            from attncheck.debug import bundle
+            bundle.save_verdict(save_dir, v, None, self.case, settings.device)
+        v.artifacts = None
         if v.status == "skip":
             pytest.skip(v.reason)
         if v.status == "xfail":

@@ -102,6 +102,33 @@ def _describe_row(locate: Optional[Callable], token: int, head: int) -> str:
             f"(row {token}), head {head}, keys {lo}..{hi} in KV blocks [{blk}]")
 
 
+def row_ratios(err: torch.Tensor, pt_row: torch.Tensor, round_row: torch.Tensor, k_row: float):
+    """Per row (token, head): the error (max over the head dim of ``err``), its budget
+    ``k * pt_err_row + 2 * round_row``, and their ratio (> 1 fails)."""
+    err_row = err.amax(dim=-1)  # [T, H]
+    budget_row = k_row * pt_row + 2.0 * round_row
+    ratio = torch.where(budget_row > 0, err_row / budget_row,
+                        torch.where(err_row > 0, torch.full_like(err_row, float("inf")), torch.zeros_like(err_row)))
+    return err_row, budget_row, ratio
+
+
+def lse_budget(ref: torch.Tensor, pt: torch.Tensor, k: float) -> torch.Tensor:
+    """Per LSE row [H, T]: ``max(k * lse_pt_err, 1e-5 + 1e-5 |ref|)``."""
+    return torch.maximum(k * pt, LSE_ABS_FLOOR + LSE_REL_FLOOR * ref.abs().nan_to_num(0.0, 0.0, 0.0))
+
+
+def lse_row_ratios(got: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, k: float) -> torch.Tensor:
+    """Per LSE row [H, T]: |lse - ref| over its budget (> 1 fails); rows that are -inf in the
+    reference and the backend give 0, NaN, +inf or a differing -inf pattern give inf."""
+    ref_inf = torch.isneginf(ref)
+    fin = ~ref_inf
+    diff = torch.where(fin, (got - ref).abs(), torch.zeros_like(ref))
+    budget = lse_budget(ref, pt, k)
+    ratio = torch.where(fin, diff / budget, torch.zeros_like(diff))
+    broken = torch.isnan(got) | torch.isposinf(got) | (ref_inf ^ torch.isneginf(got))
+    return torch.where(broken, torch.full_like(ratio, float("inf")), ratio)
+
+
 def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean: float,
                    model_dtype: torch.dtype, lse: Optional[torch.Tensor] = None,
                    locate: Optional[Callable] = None) -> RuleResult:
@@ -133,10 +160,7 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
         checks.append(Check("finite", True))
 
     err = (o - ref).abs()
-    err_row = err.amax(dim=-1)  # [T, H]
-    budget_row = k_row * pt_row + 2.0 * round_row
-    ratio = torch.where(budget_row > 0, err_row / budget_row,
-                        torch.where(err_row > 0, torch.full_like(err_row, float("inf")), torch.zeros_like(err_row)))
+    err_row, budget_row, ratio = row_ratios(err, pt_row, round_row, k_row)
     result.worst_ratio = float(ratio.max()) if ratio.numel() else 0.0
     bad = ratio > 1.0
     if bool(bad.any()):
@@ -201,7 +225,7 @@ def _compare_lse(lse: torch.Tensor, expected: dict, k: float, locate) -> tuple[C
                 [failing_row(locate, t, h, "lse", error=float("inf"))])
     fin = ~ref_inf
     diff = torch.where(fin, (got - ref).abs(), torch.zeros_like(ref))
-    budget = torch.maximum(k * pt, LSE_ABS_FLOOR + LSE_REL_FLOOR * ref.abs().nan_to_num(0.0, 0.0, 0.0))
+    budget = lse_budget(ref, pt, k)
     bad = (diff > budget) & fin
     if bool(bad.any()):
         ratio = torch.where(fin, diff / budget, torch.zeros_like(diff))

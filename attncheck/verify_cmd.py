@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from attncheck import cases, runtime
+from attncheck.debug import commands as debug_commands
 
 
 def _workers(text: str) -> int:
@@ -43,6 +44,7 @@ def register(subparsers) -> None:
     v.add_argument("--junit", default=None, metavar="PATH", help="write a JUnit XML report")
     v.add_argument("-n", "--workers", type=_workers, default=None,
                    help="pytest-xdist workers (default 2 on cpu, 1 on cuda; 0 = in this process)")
+    debug_commands.add_verify_arguments(v)
     v.set_defaults(func=run)
 
 
@@ -58,6 +60,7 @@ def _check(args):
     for path, option in ((args.json, "--json"), (args.junit, "--junit")):
         if path:
             report.check_writable(path, option)
+    debug_commands.check_verify_arguments(args)
     settings = runtime.resolve(args.device, args.tier, args.provider)
     if settings.tier in cases.STORED_TIERS:
         try:
@@ -90,6 +93,7 @@ def pytest_args(args, settings, session_dir: str) -> list:
     for path, option in ((args.json, "--attncheck-json"), (args.junit, "--attncheck-junit")):
         if path:
             pargs += [option, str(Path(path).absolute())]
+    pargs += debug_commands.verify_pytest_args(args)
     workers = args.workers if args.workers is not None else (2 if settings.device == "cpu" else 1)
     if workers > 1:
         pargs += ["-n", str(workers)]
@@ -119,5 +123,6 @@ def run(args) -> int:
     if not collector.verdicts:
         print("attncheck verify: no backend x case pairs were run", file=sys.stderr)
         return 1
+    debug_commands.after_verify(args, collector.sorted(), {"device": settings.device, "tier": settings.tier})
     n = report.counts(collector.verdicts)
     return 1 if (rc not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or n["fail"] or n["error"]) else 0
