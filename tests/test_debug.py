@@ -194,6 +194,28 @@ def test_minimize_keeps_the_gqa_group_of_a_head_mapping_bug(store):
     assert {"head0_in_group", "first_kv_group"} <= result.original.traits
 
 
+def test_minimize_a_triton_kernel_bug_down_to_its_single_key_block(tmp_path, monkeypatch):
+    """TRITON_ATTN whose decode skips the last partial KV block (tests/backends/
+    test_triton_attn_planted.py bug (a)): the minimiser keeps block 16 (the backend's capability)
+    and ends at one sequence of 17 keys, the smallest with a single-key last block."""
+    from impl.backends.triton_attn import TritonAttnBackend
+    from impl.triton import unified_attention as ua
+    real = ua.unified_attention
+
+    def skip_last_partial_block(*args, **kw):
+        sl, bs = kw["seq_lens"], args[1].shape[1]
+        q_len = kw["query_start_loc"][1:] - kw["query_start_loc"][:-1]
+        return real(*args, **{**kw, "seq_lens": torch.where((q_len == 1) & (sl > bs) & (sl % bs != 0), sl - sl % bs, sl)})
+    monkeypatch.setattr(ua, "unified_attention", skip_last_partial_block)
+    backend = TritonAttnBackend()
+    v = harness.run_backend(backend, DECODE, keep_artifacts=True)
+    path = bundle.save_verdict(tmp_path, v, backend, get_case(DECODE), "cpu")
+    result = minimize.minimize(bundle.read(path), backend, max_steps=60)
+    c = result.state.case
+    assert (c.seq_lens, c.query_lens, c.num_kv_heads, c.block_size) == ((17,), (1,), 1, 16), result.summary()
+    assert result.original.traits == {"single_key_block"} and "single-key last block" in result.summary()
+
+
 def test_minimize_stops_at_its_step_budget_and_says_so(store):
     result = minimize.minimize(bundle.read(store["mixed"]), PlantedBackend("drop_last_key"), max_steps=3)
     assert result.runs == 3 and "--max-steps" in result.stopped_early and "stopped early" in result.summary()

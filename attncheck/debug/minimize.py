@@ -302,9 +302,8 @@ class Result:
     stopped_early: str = ""
 
     def summary(self) -> str:
-        where = ("every failing row is " + "; ".join(rows.TRAITS[t] for t in sorted(self.original.traits))
-                 if self.original.traits else "no row trait shared by all failing rows")
-        head = f"fails with {self.state.describe()}: {', '.join(sorted(self.pattern.checks))} fail; {where}"
+        head = (f"fails with {self.state.describe()}: {', '.join(sorted(self.pattern.checks))} fail; "
+                f"{rows.describe_traits(self.original.traits)}")
         return head + (f" [stopped early: {self.stopped_early}]" if self.stopped_early else "")
 
 

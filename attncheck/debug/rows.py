@@ -24,21 +24,29 @@ import torch
 from attncheck import golden
 from attncheck import rule
 
-# trait name -> how the summary says it
+# trait name -> how a summary says it, completing "every failing row ..."
 TRAITS = {
-    "last_query": "the last query row of its sequence (the one that sees the last key)",
-    "inner_query": "a query row before the last of its sequence",
-    "decode": "a decode row (q_len 1)",
-    "extend": "an extend row (new tokens over a context)",
-    "prefill": "a prefill row (no context)",
-    "single_key_block": "its last visible key is alone in its KV block (a single-key block)",
-    "full_block": "its last visible key ends a full KV block",
-    "first_sequence": "in the batch's first sequence",
-    "last_sequence": "in the batch's last sequence",
-    "head0_in_group": "query head 0 of its GQA group",
-    "first_kv_group": "in KV head 0's group",
-    "window_cut": "its sliding window leaves early keys out",
+    "last_query": "is the last query row of its sequence (the one that sees the last key)",
+    "inner_query": "is a query row before the last of its sequence",
+    "decode": "is a decode row (q_len 1)",
+    "extend": "is an extend row (new tokens over a context)",
+    "prefill": "is a prefill row (no context)",
+    "single_key_block": "ends in a KV block where it sees a single key (a single-key last block)",
+    "full_block": "ends on the last key of a full KV block",
+    "first_sequence": "is in the batch's first sequence",
+    "last_sequence": "is in the batch's last sequence",
+    "head0_in_group": "is query head 0 of its GQA group",
+    "first_kv_group": "is in KV head 0's group",
+    "window_cut": "has a sliding window that leaves early keys out",
 }
+
+
+def describe_traits(traits) -> str:
+    if not traits:
+        return "no row trait is shared by all failing rows"
+    return "every failing row " + ", and ".join(TRAITS[t] for t in sorted(traits))
+
+
 LOCALIZED = ("output", "finite", "lse")  # plus "cache:<field>" and "error:<type>"
 
 
@@ -195,9 +203,7 @@ class Pattern:
         if not self.checks:
             return "passes"
         checks = ", ".join(sorted(self.checks))
-        if not self.traits:
-            return f"fails {checks} (no row trait shared by all {self.num_rows} failing rows)"
-        return f"fails {checks}; every failing row is " + "; ".join(TRAITS[t] for t in sorted(self.traits))
+        return f"fails {checks}; {describe_traits(self.traits)}"
 
     def same_as(self, original: "Pattern") -> tuple[bool, str]:
         """Does this run (``self``) fail the way ``original`` did?"""
