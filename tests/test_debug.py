@@ -221,6 +221,27 @@ def test_minimize_stops_at_its_step_budget_and_says_so(store):
     assert result.runs == 3 and "--max-steps" in result.stopped_early and "stopped early" in result.summary()
 
 
+class RaisesOnLongQueries(PlantedBackend):
+    """Correct, except that it raises for a sequence with more than 4 query tokens."""
+
+    def run(self, batch):
+        if max(batch.query_lens()) > 4:
+            raise RuntimeError("tile overflow: q_len > 4")
+        return super().run(batch)
+
+
+def test_an_erroring_verdict_is_bundled_replayed_and_minimised(tmp_path):
+    backend = RaisesOnLongQueries(None, name="RAISES")
+    v = harness.run_backend(backend, MIXED, keep_artifacts=True)
+    assert v.status == "error"
+    b = bundle.read(bundle.save_verdict(tmp_path, v, backend, get_case(MIXED), "cpu"))
+    assert b.actual == {} and "tile overflow" in b.verdict["reason"]
+    assert replay.replay(b, backend).status == "error"
+    result = minimize.minimize(b, backend, max_steps=200)
+    assert result.pattern.checks == {"error:RuntimeError"}
+    assert result.state.case.query_lens == (5,), result.summary()
+
+
 def test_pattern_rejects_other_checks_and_lost_traits():
     original = rows.Pattern(frozenset({"output", "lse"}), frozenset({"last_query"}), frozenset({"last_query"}), 4)
     assert rows.Pattern(frozenset({"output", "lse"}), frozenset(), frozenset({"last_query", "decode"}), 1).same_as(original)[0]
