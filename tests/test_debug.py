@@ -93,22 +93,32 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_verify_workers_write_bundles(tmp_path):
-    """The golden suite under xdist writes the failing verdicts' bundles from its workers."""
-    out = tmp_path / "bundles"
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-n", "2",
-                        "--attncheck-device", "cpu", "--attncheck-tier", "smoke",
-                        "--attncheck-backend-plugin", "tests.plugins.drop_last_key:make_backends",
-                        "--attncheck-backend", "PLUGIN_CORRECT", "PLUGIN_SCALE",
-                        "--attncheck-case", "decode-h8x2-d64-bs16-bf16", "prefill-h8x2-d64-bs16-bf16",
-                        "--attncheck-save-failures", str(out), str(REPO / "tests" / "plugins" / "__init__.py")],
+def test_verify_workers_write_bundles_and_the_html_report(tmp_path):
+    """`attncheck verify` (pytest-xdist workers on the CPU) writes the failing verdicts' bundles
+    from its workers and, after the run, the HTML report with their error maps."""
+    out, html = tmp_path / "bundles", tmp_path / "html"
+    r = subprocess.run([sys.executable, "-m", "attncheck", "verify", "--device", "cpu", "-n", "2",
+                        "--backend-plugin", "tests.plugins.drop_last_key:make_backends",
+                        "--backend", "PLUGIN_CORRECT", "PLUGIN_SCALE",
+                        "--case", "decode-h8x2-d64-bs16-bf16", "prefill-h8x2-d64-bs16-bf16",
+                        "--save-failures", str(out), "--html", str(html)],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert r.returncode == 1 and "2 failed, 2 passed" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "repro bundles: 2 written" in r.stdout and "HTML report:" in r.stdout, r.stdout
     written = sorted(p.name for p in out.iterdir())
     assert written == ["PLUGIN_SCALE__decode-h8x2-d64-bs16-bf16.safetensors",
                        "PLUGIN_SCALE__prefill-h8x2-d64-bs16-bf16.safetensors"]
     assert not list(out.glob(".*"))  # no temp file left by the atomic write
     assert bundle.read(out / written[0]).verdict["status"] == "fail"
+    page = (html / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "PLUGIN_CORRECT" in page
+
+
+def test_verify_rejects_a_file_as_output_folder(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("")
+    rc, _, err = _main(capsys, "verify", "--device", "cpu", "--backend", "TORCH_SDPA", "--save-failures", str(f))
+    assert rc == 2 and "--save-failures" in err and "is a file" in err
 
 
 # ---- 2. replay ---------------------------------------------------------------------------------------

@@ -63,13 +63,23 @@ def matrix_html(verdicts: list) -> str:
     return "\n".join(out)
 
 
+def _num(x, fmt: str) -> str:
+    """A row's number (JSON may carry non-finite ones as "nan"/"inf" strings); "-" when unknown."""
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if value != value else format(value, fmt)
+
+
 def rows_html(rows: list) -> str:
     if not rows:
         return ""
-    out = ["<table><tr><th>where</th><th>error</th><th>budget</th><th>ratio</th></tr>"]
+    out = ["<table><tr><th>check</th><th>where</th><th>error</th><th>budget</th><th>ratio</th></tr>"]
     for r in rows:
-        out.append(f"<tr><td>{_esc(r.get('where', ''))}</td><td class=num>{r.get('error', 0):.3e}</td>"
-                   f"<td class=num>{r.get('budget', 0):.3e}</td><td class=num>{r.get('ratio', 0):.2f}</td></tr>")
+        out.append(f"<tr><td>{_esc(r.get('check', ''))}</td><td>{_esc(r.get('where', ''))}</td>"
+                   f"<td class=num>{_num(r.get('error'), '.3e')}</td><td class=num>{_num(r.get('budget'), '.3e')}</td>"
+                   f"<td class=num>{_num(r.get('ratio'), '.2f')}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
 
