@@ -58,9 +58,18 @@ class Bundle:
 # ---- cases from their parameters ------------------------------------------------------------
 
 def _case_classes() -> dict:
-    from attncheck.cases import MHACase
-    from attncheck.mla_case import MLACase
-    return {"MHA": MHACase, "MLA": MLACase}
+    from attncheck import cases
+    mla = getattr(cases, "MLACase", None)
+    if mla is None:  # the MLA record lives beside its generator in this version of the catalogue
+        from attncheck.mla_case import MLACase as mla
+    return {"MHA": cases.MHACase, "MLA": mla}
+
+
+def case_class(kind: str):
+    classes = _case_classes()
+    if kind not in classes:
+        raise BundleError(f"case kind {kind!r}: expected one of {sorted(classes)}")
+    return classes[kind]
 
 
 def case_spec(case) -> dict:
@@ -69,11 +78,8 @@ def case_spec(case) -> dict:
 
 def case_from_spec(spec: dict):
     """Rebuild a case object from ``case_spec``'s output (lists back to tuples)."""
-    classes = _case_classes()
     kind = spec.get("kind")
-    if kind not in classes:
-        raise BundleError(f"case kind {kind!r} cannot be bundled (expected one of {sorted(classes)})")
-    cls = classes[kind]
+    cls = case_class(kind)
     params = spec.get("params", {})
     kw = {}
     for f in dataclasses.fields(cls):

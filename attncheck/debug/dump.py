@@ -391,17 +391,16 @@ def case_of(name: str, kind: str, inputs: dict, knobs: dict):
                   kv_cache_dtype=knobs.get("kv_cache_dtype", "auto"), scale=float(knobs["scale"]),
                   tier="smoke", family="adhoc")
     try:
+        cls = bundle_mod.case_class(kind)
         if kind == "MHA":
-            from attncheck.cases import MHACase
             q, kc = inputs["query"], inputs["key_cache"]
-            return MHACase(**common, num_heads=q.shape[1], num_kv_heads=kc.shape[2], head_size=q.shape[2],
+            return cls(**common, num_heads=q.shape[1], num_kv_heads=kc.shape[2], head_size=q.shape[2],
                            block_size=kc.shape[1], dtype=_dtype_name(q.dtype),
                            k_scale=float(knobs.get("k_scale", 1.0)), v_scale=float(knobs.get("v_scale", 1.0)),
                            causal=bool(knobs.get("causal", True)), sliding_window=knobs.get("sliding_window"),
                            softcap=knobs.get("softcap"), alibi="alibi_slopes" in inputs, sinks="sinks" in inputs)
-        from attncheck.mla_case import MLACase
         qn, qp, kv = inputs["q_nope"], inputs["q_pe"], inputs["kv_cache"]
-        return MLACase(**common, num_heads=qn.shape[1], kv_lora_rank=inputs["kv_c"].shape[1], rope_dim=qp.shape[2],
+        return cls(**common, num_heads=qn.shape[1], kv_lora_rank=inputs["kv_c"].shape[1], rope_dim=qp.shape[2],
                        nope_dim=qn.shape[2], v_dim=inputs["w_uv"].shape[2], block_size=kv.shape[1],
                        dtype=_dtype_name(qn.dtype), kv_scale=float(knobs.get("kv_scale", 1.0)))
     except (TypeError, ValueError) as e:
