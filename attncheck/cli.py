@@ -27,6 +27,7 @@ SUBCOMMANDS = (
     "attncheck.select_cmd",
     "attncheck.bench",
     "attncheck.debug.commands",
+    "attncheck.spot.command",
 )
 
 

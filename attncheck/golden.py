@@ -215,6 +215,14 @@ _ENTRY_KEYS = {"kind", "tier", "family", "path", "file_sha256", "size_bytes", "p
                "rule"}
 
 
+def stored_models(root: Path) -> dict:
+    """Spot-check model weights under golden/models/ (not cases): path -> sha256 from its MODELS.json."""
+    index = root / "models" / "MODELS.json"
+    if not index.exists():
+        return {}
+    return {(index.parent / rel).resolve(): e["sha256"] for rel, e in json.loads(index.read_text()).items()}
+
+
 def verify(root: Optional[Path] = None) -> list[str]:
     """All problems found (empty list = the store is sound)."""
     root = root or golden_dir()
@@ -256,7 +264,11 @@ def verify(root: Optional[Path] = None) -> list[str]:
             meta = json.loads((f.metadata() or {}).get("attncheck", "{}"))
         if meta.get("case_id") != name:
             problems.append(f"case {name}: file metadata names case {meta.get('case_id')!r}")
-    listed = {(root / e["path"]).resolve() for e in entries.values() if "path" in e}
+    models = stored_models(root)
+    for path, sha in sorted(models.items()):
+        if not path.exists() or _sha(path.read_bytes()) != sha:
+            problems.append(f"model {path}: missing or fails its sha256 in golden/models/MODELS.json")
+    listed = {(root / e["path"]).resolve() for e in entries.values() if "path" in e} | set(models)
     for f in sorted(root.rglob("*.safetensors")):
         if f.resolve() not in listed:
             problems.append(f"orphan golden file {f} (not in the manifest)")
@@ -367,7 +379,7 @@ def regen(names: Optional[Iterable[str]] = None, root: Optional[Path] = None, ou
             p = root / old_entries[name].get("path", "")
             if p.is_file():
                 p.unlink()
-        listed = {(root / e["path"]).resolve() for e in new_entries.values()}
+        listed = {(root / e["path"]).resolve() for e in new_entries.values()} | set(stored_models(root))
         for f in root.rglob("*.safetensors"):
             if f.resolve() not in listed:
                 print(f"  orphan removed: {f}", file=out)
