@@ -1,9 +1,10 @@
 """The stored addition model: a small Llama trained on 3-digit addition, and its task.
 
 Text is characters: digits, ``+``, ``=`` and newline (one token each). An item is a 0-shot
-prompt ``"\\n531+470="``; the model answers ``1001\\n`` and the score is exact match of the
-answer (digits and the closing newline). The model was trained on single problems only (a CPU
-budget of a few minutes), so its prompts are short: long contexts are the retrieval model's job.
+prompt ``"\\n131+270="``; the model answers ``0401\\n`` (always four digits) and the score is
+exact match of the answer (digits and the closing newline). The model was trained on single
+problems only (a small CPU budget), so its prompts are short: long contexts are the retrieval
+model's job; this one brings four layers of trained weights and five decode steps per item.
 Weights: golden/models/addition/ (HF folder: config.json + model.safetensors, bf16), trained once
 on the CPU by ``python -m attncheck.spot.train_addition`` (fixed seed and schedule; the file's
 sha256 is recorded in golden/models/MODELS.json and checked on every load).
@@ -35,13 +36,10 @@ def decode(tokens) -> str:
     return "".join(CHARS[t] if 0 <= t < len(CHARS) else "?" for t in tokens)
 
 
-REVERSED = True  # answers are written least significant digit first (see the module docstring)
-
-
 def problem(rng: random.Random) -> tuple:
+    """``("531+470=", "1001\\n")``: operands 100..999, the sum zero-padded to 4 digits."""
     a, b = rng.randrange(100, 1000), rng.randrange(100, 1000)
-    answer = f"{a + b:04d}"
-    return f"{a}+{b}=", (answer[::-1] if REVERSED else answer) + "\n"
+    return f"{a}+{b}=", f"{a + b:04d}\n"
 
 
 def make_item(index: int, seed: int) -> dict:

@@ -4,7 +4,7 @@
     attncheck spot --model retrieval --limit 500 --max-len 4096 --json spot.json
     attncheck spot --model /path/to/llama --task gsm8k.jsonl --backend TRITON_ATTN ROCM_ATTN
 
-For every model (default: the retrieval model) the float64 reference attention
+For every model (default: the retrieval and the addition model) the float64 reference attention
 and then each backend answer the same items; each backend gets a table, its delta to the
 reference, the fraction of flipped answers and the first flipped token. Exit 0 when every
 backend that ran passes (the gate is in attncheck/spot/report.py and docs/spot.md), 1 when one
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("spot", help="accuracy spot checks: whole models through each backend vs the reference")
     s.add_argument("--backend", nargs="+", default=None, metavar="NAME", help="default: every registered backend")
     s.add_argument("--backend-plugin", action="append", default=[], metavar="MODULE:ATTR")
-    s.add_argument("--model", nargs="+", default=["retrieval"], metavar="retrieval|addition|DIR")
+    s.add_argument("--model", nargs="+", default=["retrieval", "addition"], metavar="retrieval|addition|DIR")
     s.add_argument("--task", default=None, metavar="T",
                    help="for a checkpoint folder: 'passkey' (default) or a GSM8K-style .jsonl file")
     s.add_argument("--limit", type=int, default=None, metavar="N", help="items per task (default 32 on cpu, 500 on cuda)")

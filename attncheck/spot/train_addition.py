@@ -1,11 +1,12 @@
-"""Train the stored addition model once, on the CPU (a few minutes), and record its hash.
+"""Train the stored addition model once, on the CPU, and record its hash.
 
     python -m attncheck.spot.train_addition [--out golden/models/addition] [--steps N]
 
-Fixed seed, AdamW, a constant learning rate then a linear decay over the last 30% of the
-steps (a cosine schedule stays under 10% exact match at this budget: the accuracy jumps late,
-around steps 500-800, and cosine has decayed too far by then). A sequence is one problem,
-``"\\n417+385=802\\n"``; the loss is on the answer tokens only. One torch thread (faster than
+Fixed seed, AdamW 1e-3, a constant learning rate then a linear decay over the last 30% of the
+steps (research notes: a cosine schedule stays under 10% exact match at this budget). With
+3e-3, the research notes' rate, training stalled here (0.8% exact match after 1000 steps);
+1e-3 passed 40% by step 250. A sequence is one problem, ``"\\n417+385=0802\\n"`` (the
+sum always four digits); the loss is on the answer tokens only. One torch thread (faster than
 two on a shared 2-core machine). Writes
 config.json + model.safetensors (bf16) + tokenizer.json and the file's sha256 into golden/models/MODELS.json,
 then reports exact match of the stored bf16 weights under the float64 reference attention.
@@ -31,7 +32,7 @@ SEED = 20261130
 CONFIG = ModelConfig(vocab_size=addition.VOCAB, hidden_size=192, intermediate_size=448, num_layers=4,
                      num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope=RopeConfig(theta=10000.0),
                      max_position_embeddings=4096, eos_token_id=addition.NEWLINE)
-STEPS, BATCH, LR, WEIGHT_DECAY, WARMUP, DECAY_FRACTION = 1000, 128, 3e-3, 0.1, 50, 0.3
+STEPS, BATCH, LR, WEIGHT_DECAY, WARMUP, DECAY_FRACTION = 1000, 128, 1e-3, 0.1, 50, 0.3
 PAD = addition.VOCAB - 1
 
 
