@@ -1,0 +1,198 @@
+"""Each panel member's worst ratios per stored case, as a table (issue 9 asks for them).
+
+    python -m tests.panel.report [--device cpu|cuda] [--tier smoke full] [--member NAME ...]
+                                 [--out FILE] [--json FILE]
+
+Every (member, case) pair runs through ``attncheck.harness.run_backend``, the same path the
+tests use; its status is the verdict's. Columns: ``row`` = worst per-row error / budget,
+``mean`` = mean error / mean budget, ``lse`` = worst LSE error / LSE budget (finite rows),
+``lse>1`` = LSE rows over budget, ``cache`` = the cache-write checks. A ratio above 1 fails.
+The LSE ratio restates the rule's LSE budget (attncheck.rule, ``_compare_lse``) for display
+only; if it ever disagrees with the verdict's own LSE check, the row is flagged ``(!)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from attncheck import golden, harness
+from attncheck.cases import get_case
+from attncheck.rule import LSE_ABS_FLOOR, LSE_REL_FLOOR
+from tests.panel.members import MEMBERS
+
+
+class Recording:
+    """Runs a member unchanged and keeps its last output (for the LSE ratio)."""
+
+    def __init__(self, member):
+        self.member = member
+        self.name, self.kind, self.capabilities = member.name, member.kind, member.capabilities
+        self.last = None
+
+    def availability(self, device):
+        return self.member.availability(device)
+
+    def run(self, batch):
+        self.last = self.member.run(batch)
+        return self.last
+
+
+@dataclass
+class Row:
+    member: str
+    case: str
+    tier: str
+    status: str
+    row_ratio: float
+    mean_ratio: float
+    lse_ratio: Optional[float]
+    lse_rows_over: int
+    cache_ok: bool
+    lse_check_failed: bool
+    reason: str = ""
+    failed_checks: list = field(default_factory=list)
+
+    @property
+    def inconsistent(self) -> bool:
+        """The restated LSE ratio disagrees with the verdict's LSE check."""
+        return self.lse_ratio is not None and (self.lse_ratio > 1.0) != self.lse_check_failed
+
+
+def lse_ratios(lse: torch.Tensor, tensors: dict, k: float) -> torch.Tensor:
+    """Per row |lse - ref| / max(k * lse_pt_err, abs + rel floor) on rows where the reference
+    is finite (0 elsewhere): the budget of attncheck.rule's LSE check."""
+    ref = tensors["expected.lse"].to(torch.float64)
+    got = lse.detach().to("cpu", torch.float64)
+    fin = torch.isfinite(ref) & torch.isfinite(got)
+    budget = torch.maximum(k * tensors["budget.lse_pt_err"].to(torch.float64),
+                           LSE_ABS_FLOOR + LSE_REL_FLOOR * ref.abs().nan_to_num(0.0, 0.0, 0.0))
+    return torch.where(fin, (got - ref).abs() / budget, torch.zeros_like(ref))
+
+
+def failed_checks(report: str) -> list:
+    """Names of the checks the verdict's report marks as failed ("lse", "per-row (k=2)", ...)."""
+    names = []
+    for line in report.splitlines():
+        line = line.strip()
+        if line.startswith("[FAIL]"):
+            names.append(line[len("[FAIL]"):].split(":")[0].strip())
+    return names
+
+
+def measure(member, case_name: str, device: str = "cpu") -> Row:
+    case = get_case(case_name)
+    tensors = harness.golden_tensors(case, device)
+    rec = Recording(member)
+    v = harness.run_backend(rec, case, device=device, tensors=tensors)
+    lse_ratio, over = None, 0
+    if rec.last is not None and rec.last.lse is not None and "expected.lse" in tensors:
+        k = golden.case_module(case).rule_factors(case)["k_row"]
+        r = lse_ratios(rec.last.lse, tensors, k)
+        lse_ratio, over = float(r.max()), int((r > 1.0).sum())
+    failed = failed_checks(v.report)
+    return Row(member=member.name, case=case.name, tier=case.tier, status=v.status, row_ratio=v.worst_ratio,
+               mean_ratio=v.mean_ratio, lse_ratio=lse_ratio, lse_rows_over=over,
+               cache_ok=not any(c.endswith("write") for c in failed), lse_check_failed="lse" in failed,
+               reason=v.reason, failed_checks=failed)
+
+
+def collect(members, tiers, device="cpu") -> list:
+    rows = []
+    for m in members:
+        for tier in tiers:
+            for case in harness.list_cases(tier=tier, kind=m.kind):
+                rows.append(measure(m, case, device))
+    return rows
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def format_table(rows: list) -> str:
+    head = ("member", "case", "status", "row", "mean", "lse", "lse>1", "cache")
+    body = [(r.member, r.case, r.status + (" (!)" if r.inconsistent else ""), _fmt(r.row_ratio), _fmt(r.mean_ratio),
+             _fmt(r.lse_ratio), str(r.lse_rows_over), "ok" if r.cache_ok else "FAIL") for r in rows]
+    return _columns(head, body)
+
+
+def format_summary(rows: list) -> str:
+    """Per member: worst ratios over all its cases and the cases it fails."""
+    head = ("member", "cases", "failed", "worst row", "(case)", "worst mean", "worst lse", "(case)")
+    body = []
+    for name in dict.fromkeys(r.member for r in rows):
+        mine = [r for r in rows if r.member == name]
+        worst_row = max(mine, key=lambda r: r.row_ratio)
+        with_lse = [r for r in mine if r.lse_ratio is not None]
+        worst_lse = max(with_lse, key=lambda r: r.lse_ratio) if with_lse else None
+        body.append((name, str(len(mine)), str(sum(r.status != "pass" for r in mine)), _fmt(worst_row.row_ratio),
+                     worst_row.case, _fmt(max(r.mean_ratio for r in mine)),
+                     _fmt(worst_lse.lse_ratio if worst_lse else None), worst_lse.case if worst_lse else "-"))
+    return _columns(head, body)
+
+
+def _columns(head, body) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _write(path: str, text: str) -> None:
+    """Whole file or nothing: write a temporary sibling, then rename it into place."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = _Parser(prog="python -m tests.panel.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--tier", nargs="+", default=["smoke", "full"], choices=("smoke", "full"))
+    ap.add_argument("--member", nargs="+", default=None, metavar="NAME", help="panel members (default: all)")
+    ap.add_argument("--out", default=None, help="also write the tables to this file")
+    ap.add_argument("--json", default=None, help="write every row as JSON to this file")
+    args = ap.parse_args(argv)
+    if args.device not in ("cpu", "cuda"):
+        print(f"--device: expected cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device: cuda requested but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    unknown = [n for n in args.member or [] if n not in MEMBERS]
+    if unknown:
+        print(f"--member: unknown {', '.join(unknown)}; expected one of {', '.join(MEMBERS)}", file=sys.stderr)
+        return 2
+    for opt, path in (("--out", args.out), ("--json", args.json)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            print(f"{opt}: the folder of {path} does not exist", file=sys.stderr)
+            return 2
+    members = [MEMBERS[n] for n in args.member] if args.member else list(MEMBERS.values())
+    rows = collect(members, args.tier, args.device)
+    text = (f"panel on {args.device}, tiers {' '.join(args.tier)}\n\n" + format_summary(rows)
+            + "\n\n" + format_table(rows) + "\n")
+    if any(r.inconsistent for r in rows):
+        text += "\n(!) the LSE ratio above disagrees with the rule's LSE check: update lse_ratios()\n"
+    print(text, end="")
+    if args.out:
+        _write(args.out, text)
+    if args.json:
+        _write(args.json, json.dumps([r.__dict__ for r in rows], indent=1))
+    return 1 if any(r.status not in ("pass", "skip") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
