@@ -130,3 +130,30 @@ def test_recipe_rejects_an_unknown_order():
     bad = PanelMHA("PANEL_BAD", Recipe(scores="q_sideways"), "")
     with pytest.raises(ValueError, match="recipe.scores"):
         _run(bad, "decode-h8x2-d64-bs16-bf16")
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("member", MHA_MEMBERS, ids=lambda m: m.name)
+@pytest.mark.parametrize("sinks", [False, True], ids=["no-sinks", "sinks"])
+def test_row_without_visible_keys_gives_zero_and_neg_inf(member, sinks):
+    """No stored case has an empty row (every query sees itself), so drive one directly: three
+    queries at positions 0..2 against keys at 5..44, all in their future under the causal mask."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 16, generator=g).to(torch.bfloat16)
+    k, v = torch.randn(40, 2, 16, generator=g), torch.randn(40, 2, 16, generator=g)
+    batch = SimpleNamespace(dtype=torch.bfloat16, scale=0.25, softcap=None, alibi_slopes=None, causal=True,
+                            sliding_window=None, sinks=torch.randn(4, generator=g) if sinks else None)
+    o, lse = member._attend(batch, q, k, v, torch.arange(3), torch.arange(5, 45))
+    assert torch.equal(o, torch.zeros_like(o))
+    assert bool(torch.isneginf(lse).all())
+
+
+@pytest.mark.smoke
+def test_mla_softmax_and_merge_of_empty_rows():
+    from tests.panel.members import _softmax_pv, merge
+    s = torch.full((2, 3, 5), float("-inf"))
+    o, lse = _softmax_pv(s, lambda p: p @ torch.ones(5, 4))
+    assert torch.equal(o, torch.zeros(2, 3, 4)) and bool(torch.isneginf(lse).all())
+    o, lse = merge(o, lse, o, lse, torch.bfloat16)  # both sides empty: 0, -inf, never NaN
+    assert torch.equal(o, torch.zeros(2, 3, 4)) and bool(torch.isneginf(lse).all())
