@@ -21,27 +21,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from tabulate import tabulate
 
 from attncheck import golden, harness
 from attncheck.cases import get_case
 from attncheck.rule import LSE_ABS_FLOOR, LSE_REL_FLOOR
 from tests.panel.members import MEMBERS
-
-
-class Recording:
-    """Runs a member unchanged and keeps its last output (for the LSE ratio)."""
-
-    def __init__(self, member):
-        self.member = member
-        self.name, self.kind, self.capabilities = member.name, member.kind, member.capabilities
-        self.last = None
-
-    def availability(self, device):
-        return self.member.availability(device)
-
-    def run(self, batch):
-        self.last = self.member.run(batch)
-        return self.last
 
 
 @dataclass
@@ -50,8 +35,8 @@ class Row:
     case: str
     tier: str
     status: str
-    row_ratio: float
-    mean_ratio: float
+    row_ratio: Optional[float]  # None: the rows could not be compared (e.g. a wrong output shape)
+    mean_ratio: Optional[float]
     lse_ratio: Optional[float]
     lse_rows_over: int
     cache_ok: bool
@@ -76,27 +61,17 @@ def lse_ratios(lse: torch.Tensor, tensors: dict, k: float) -> torch.Tensor:
     return torch.where(fin, (got - ref).abs() / budget, torch.zeros_like(ref))
 
 
-def failed_checks(report: str) -> list:
-    """Names of the checks the verdict's report marks as failed ("lse", "per-row (k=2)", ...)."""
-    names = []
-    for line in report.splitlines():
-        line = line.strip()
-        if line.startswith("[FAIL]"):
-            names.append(line[len("[FAIL]"):].split(":")[0].strip())
-    return names
-
-
 def measure(member, case_name: str, device: str = "cpu") -> Row:
     case = get_case(case_name)
     tensors = harness.golden_tensors(case, device)
-    rec = Recording(member)
-    v = harness.run_backend(rec, case, device=device, tensors=tensors)
+    v = harness.run_backend(member, case, device=device, tensors=tensors, keep_artifacts=True)
+    lse = (v.artifacts or {}).get("lse")
     lse_ratio, over = None, 0
-    if rec.last is not None and rec.last.lse is not None and "expected.lse" in tensors:
+    if lse is not None and "expected.lse" in tensors:
         k = golden.case_module(case).rule_factors(case)["k_row"]
-        r = lse_ratios(rec.last.lse, tensors, k)
+        r = lse_ratios(lse, tensors, k)
         lse_ratio, over = float(r.max()), int((r > 1.0).sum())
-    failed = failed_checks(v.report)
+    failed = [c.name for c in v.checks if not c.passed]
     return Row(member=member.name, case=case.name, tier=case.tier, status=v.status, row_ratio=v.worst_ratio,
                mean_ratio=v.mean_ratio, lse_ratio=lse_ratio, lse_rows_over=over,
                cache_ok=not any(c.endswith("write") for c in failed), lse_check_failed="lse" in failed,
@@ -120,7 +95,7 @@ def format_table(rows: list) -> str:
     head = ("member", "case", "status", "row", "mean", "lse", "lse>1", "cache")
     body = [(r.member, r.case, r.status + (" (!)" if r.inconsistent else ""), _fmt(r.row_ratio), _fmt(r.mean_ratio),
              _fmt(r.lse_ratio), str(r.lse_rows_over), "ok" if r.cache_ok else "FAIL") for r in rows]
-    return _columns(head, body)
+    return tabulate(body, headers=head, tablefmt="simple", disable_numparse=True)
 
 
 def format_summary(rows: list) -> str:
@@ -129,19 +104,13 @@ def format_summary(rows: list) -> str:
     body = []
     for name in dict.fromkeys(r.member for r in rows):
         mine = [r for r in rows if r.member == name]
-        worst_row = max(mine, key=lambda r: r.row_ratio)
+        worst_row = max(mine, key=lambda r: -1.0 if r.row_ratio is None else r.row_ratio)
         with_lse = [r for r in mine if r.lse_ratio is not None]
         worst_lse = max(with_lse, key=lambda r: r.lse_ratio) if with_lse else None
         body.append((name, str(len(mine)), str(sum(r.status != "pass" for r in mine)), _fmt(worst_row.row_ratio),
-                     worst_row.case, _fmt(max(r.mean_ratio for r in mine)),
+                     worst_row.case, _fmt(max((r.mean_ratio for r in mine if r.mean_ratio is not None), default=None)),
                      _fmt(worst_lse.lse_ratio if worst_lse else None), worst_lse.case if worst_lse else "-"))
-    return _columns(head, body)
-
-
-def _columns(head, body) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return tabulate(body, headers=head, tablefmt="simple", disable_numparse=True)
 
 
 class _Parser(argparse.ArgumentParser):

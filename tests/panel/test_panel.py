@@ -30,7 +30,9 @@ def _gap_reason(member: str, case: str) -> str:
 def pytest_generate_tests(metafunc):
     if "panel_pair" not in metafunc.fixturenames:
         return
-    strict = metafunc.config.attncheck["device"] == "cpu"
+    from attncheck import pytest_plugin
+
+    strict = pytest_plugin.setup_run(metafunc.config).device == "cpu"
     params = []
     for member in MEMBERS.values():
         for tier in TIERS:
@@ -46,7 +48,7 @@ def test_member_passes_stored_case(panel_pair, device):
     name, case = panel_pair
     v = harness.run_backend(MEMBERS[name], case, device=device)
     assert v.status == "pass", f"{v.status}: {v.reason}\n{v.report}"
-    assert v.details["lse_checked"], f"{name} returned no LSE on {case}"
+    assert v.lse_checked, f"{name} returned no LSE on {case}"
 
 
 def test_budget_gap_table_names_real_members_and_cases():
