@@ -6,9 +6,8 @@
 Every (member, case) pair runs through ``attncheck.harness.run_backend``, the same path the
 tests use; its status is the verdict's. Columns: ``row`` = worst per-row error / budget,
 ``mean`` = mean error / mean budget, ``lse`` = worst LSE error / LSE budget (finite rows),
-``lse>1`` = LSE rows over budget, ``cache`` = the cache-write checks. A ratio above 1 fails.
-The LSE ratio restates the rule's LSE budget (attncheck.rule, ``_compare_lse``) for display
-only; if it ever disagrees with the verdict's own LSE check, the row is flagged ``(!)``.
+``lse>1`` = LSE rows over budget (both from ``attncheck.rule.lse_row_ratios``), ``cache`` =
+the cache-write checks. A ratio above 1 fails.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from tabulate import tabulate
 
 from attncheck import golden, harness
 from attncheck.cases import get_case
-from attncheck.rule import LSE_ABS_FLOOR, LSE_REL_FLOOR
+from attncheck.rule import lse_row_ratios
 from tests.panel.members import MEMBERS
 
 
@@ -44,22 +43,6 @@ class Row:
     reason: str = ""
     failed_checks: list = field(default_factory=list)
 
-    @property
-    def inconsistent(self) -> bool:
-        """The restated LSE ratio disagrees with the verdict's LSE check."""
-        return self.lse_ratio is not None and (self.lse_ratio > 1.0) != self.lse_check_failed
-
-
-def lse_ratios(lse: torch.Tensor, tensors: dict, k: float) -> torch.Tensor:
-    """Per row |lse - ref| / max(k * lse_pt_err, abs + rel floor) on rows where the reference
-    is finite (0 elsewhere): the budget of attncheck.rule's LSE check."""
-    ref = tensors["expected.lse"].to(torch.float64)
-    got = lse.detach().to("cpu", torch.float64)
-    fin = torch.isfinite(ref) & torch.isfinite(got)
-    budget = torch.maximum(k * tensors["budget.lse_pt_err"].to(torch.float64),
-                           LSE_ABS_FLOOR + LSE_REL_FLOOR * ref.abs().nan_to_num(0.0, 0.0, 0.0))
-    return torch.where(fin, (got - ref).abs() / budget, torch.zeros_like(ref))
-
 
 def measure(member, case_name: str, device: str = "cpu") -> Row:
     case = get_case(case_name)
@@ -69,7 +52,8 @@ def measure(member, case_name: str, device: str = "cpu") -> Row:
     lse_ratio, over = None, 0
     if lse is not None and "expected.lse" in tensors:
         k = golden.case_module(case).rule_factors(case)["k_row"]
-        r = lse_ratios(lse, tensors, k)
+        r = lse_row_ratios(lse.to(torch.float64), tensors["expected.lse"].to(torch.float64),
+                           tensors["budget.lse_pt_err"].to(torch.float64), k)
         lse_ratio, over = float(r.max()), int((r > 1.0).sum())
     failed = [c.name for c in v.checks if not c.passed]
     return Row(member=member.name, case=case.name, tier=case.tier, status=v.status, row_ratio=v.worst_ratio,
@@ -93,7 +77,7 @@ def _fmt(x: Optional[float]) -> str:
 
 def format_table(rows: list) -> str:
     head = ("member", "case", "status", "row", "mean", "lse", "lse>1", "cache")
-    body = [(r.member, r.case, r.status + (" (!)" if r.inconsistent else ""), _fmt(r.row_ratio), _fmt(r.mean_ratio),
+    body = [(r.member, r.case, r.status, _fmt(r.row_ratio), _fmt(r.mean_ratio),
              _fmt(r.lse_ratio), str(r.lse_rows_over), "ok" if r.cache_ok else "FAIL") for r in rows]
     return tabulate(body, headers=head, tablefmt="simple", disable_numparse=True)
 
@@ -153,8 +137,6 @@ def main(argv=None) -> int:
     rows = collect(members, args.tier, args.device)
     text = (f"panel on {args.device}, tiers {' '.join(args.tier)}\n\n" + format_summary(rows)
             + "\n\n" + format_table(rows) + "\n")
-    if any(r.inconsistent for r in rows):
-        text += "\n(!) the LSE ratio above disagrees with the rule's LSE check: update lse_ratios()\n"
     print(text, end="")
     if args.out:
         _write(args.out, text)
