@@ -36,15 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_select(argv, environ=None, probe=CPU):
-    """(exit code, stdout, stderr) of ``attncheck select <argv>``."""
+def run_select(argv, environ=None, probe=CPU, installed=None):
+    """(exit code, stdout, stderr) of ``attncheck select <argv>``; ``installed`` is the
+    installed vLLM's version (None: no vLLM installed)."""
     args = _parser().parse_args(["select", *argv])
     assert args.func is select_cmd.run
     out, err = io.StringIO(), io.StringIO()
     old = sys.stderr
     sys.stderr = err
     try:
-        rc = args.func(args, out=out, environ={} if environ is None else environ, probe=probe)
+        rc = args.func(args, out=out, environ={} if environ is None else environ, probe=probe,
+                       installed=lambda: installed)
     finally:
         sys.stderr = old
     return rc, out.getvalue(), err.getvalue()
@@ -84,7 +86,8 @@ def test_done_when_command_in_a_subprocess():
         entry = "attncheck.cli"
     except ImportError:
         entry = "attncheck.select_cmd"
-    proc = subprocess.run([sys.executable, "-m", entry, "select", *DONE_WHEN],
+    proc = subprocess.run([sys.executable, "-m", entry, "select", "--vllm-version", "0.12",
+                           *DONE_WHEN],
                           capture_output=True, text=True, env=_subprocess_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     obj = json.loads(proc.stdout)  # exactly one JSON object on stdout
@@ -94,7 +97,8 @@ def test_done_when_command_in_a_subprocess():
 
 def test_invalid_configuration_in_a_subprocess_exits_2():
     proc = subprocess.run([sys.executable, "-m", "attncheck.select_cmd", "select", "--json",
-                           "--env", "VLLM_ROCM_USE_AITER=maybe"], capture_output=True,
+                           "--vllm-version", "0.12", "--env", "VLLM_ROCM_USE_AITER=maybe"],
+                          capture_output=True,
                           text=True, env=_subprocess_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""
@@ -197,7 +201,7 @@ def test_misspelt_variable_warning_is_printed():
 
 def test_off_rocm_says_which_arch_it_evaluates():
     rc, out, _ = run_select([], probe=CPU)
-    assert out.splitlines()[0] == ("note: not on ROCm (CPU only): evaluating vLLM's ROCm "
+    assert out.splitlines()[1] == ("note: not on ROCm (CPU only): evaluating vLLM's ROCm "
                                    "policy for gfx942 (the default; pass --arch to choose "
                                    "another)")
     rc, out, _ = run_select(["--json", "--arch", "gfx1100", "--env",
@@ -215,7 +219,7 @@ def test_on_rocm_uses_the_detected_arch_without_a_note():
     assert obj["arch"] == "gfx1100" and obj["backend"] == "TRITON_ATTN"
     assert obj["platform"]["note"] is None and obj["platform"]["arch_source"] == "detected"
     rc, out, _ = run_select(["--env", "VLLM_ROCM_USE_AITER=1"], probe=MI300)
-    assert not out.startswith("note:") and "ROCM_AITER_FA" in out
+    assert "note:" not in out and "ROCM_AITER_FA" in out
 
 
 def test_attncheck_arch_overrides_detection():
@@ -313,3 +317,128 @@ def test_seed_argv_round_trip():
     assert argv == ["--explain", "--arch", "gfx942", "--env", "VLLM_ROCM_USE_AITER=1",
                     "--mla", "--block-size", "1"]
     assert parse_command(row.command).tensor_parallel == 8
+
+
+# ---- vLLM versions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("installed,argv,first_line", [
+    (None, [], "vllm: 0.12.0 (line 0.12; the seeds' line; no vLLM installed)"),
+    ("0.33.0", [], "vllm: 0.33.0 (line 0.33; the installed vLLM)"),
+    ("0.12.1", [], "vllm: 0.12.1 (line 0.12; the installed vLLM)"),
+    ("0.33.0", ["--vllm-version", "0.12"], "vllm: 0.12 (line 0.12; --vllm-version)"),
+])
+def test_the_output_says_which_vllm_version(installed, argv, first_line):
+    rc, out, err = run_select(argv, installed=installed)
+    assert rc == 0, err
+    assert out.splitlines()[0] == first_line
+    rc, out, _ = run_select(argv + ["--json"], installed=installed)
+    assert json.loads(out)["vllm"]["line"] == first_line.split("line ")[1][:4]
+
+
+def test_the_version_changes_the_answer():
+    """No flags: vLLM 0.12 defaults to TRITON_ATTN, vLLM 0.33 to ROCM_ATTN (#36702)."""
+    assert "backend: TRITON_ATTN (automatic, rule DEFAULT)" in run_select([])[1]
+    assert "backend: ROCM_ATTN (automatic, rule PRIORITY)" in run_select(
+        ["--vllm-version", "0.33.0"])[1]
+    assert "backend: ROCM_ATTN (automatic, rule PRIORITY)" in run_select(
+        [], installed="0.33.0")[1]
+
+
+@pytest.mark.parametrize("argv,installed,fragment", [
+    (["--vllm-version", "0.20.0"], None, "vLLM 0.20.0 is not modelled"),
+    (["--vllm-version", "zero"], None, "vllm_version: 'zero' is not a version number"),
+    ([], "0.20.0", "installed vLLM 0.20.0: vLLM 0.20.0 is not modelled"),
+    (["--attention-config", '{"backend": "ROCM_ATTN"}'], None,
+     "vLLM 0.12 has no attention config"),
+    (["--vllm-version", "0.33", "--attention-backend", "TRITON_ATTN", "--attention-config",
+      '{"backend": "ROCM_ATTN"}'], None, "mutually exclusive"),
+    (["--vllm-version", "0.33", "--attention-backend", "ROCM_AITER_FA", "--arch", "gfx90a"],
+     None, "compute capability not supported"),
+    (["--vllm-version", "0.33", "--mla", "--block-size", "1"], None,
+     "no valid attention backend for this configuration (TRITON_MLA: block_size not "
+     "supported)"),
+])
+def test_version_errors_exit_2_with_one_line(argv, installed, fragment):
+    rc, out, err = run_select(argv, installed=installed)
+    assert rc == 2 and out == ""
+    assert err.startswith("attncheck select: invalid configuration: ") and fragment in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["{", "[1]", "backend=ROCM_ATTN"])
+def test_bad_attention_config_is_a_usage_error(text, capsys):
+    with pytest.raises(SystemExit) as info:
+        _parser().parse_args(["select", "--attention-config", text])
+    assert info.value.code == 2 and "--attention-config: expected a JSON object" in \
+        capsys.readouterr().err
+
+
+def test_attention_backend_and_config_name_the_backend_in_0_33():
+    rc, out, _ = run_select(["--vllm-version", "0.33", "--attention-config",
+                             '{"backend": "rocm_aiter_unified_attn"}', "--env",
+                             "VLLM_ROCM_USE_AITER=1"])
+    assert rc == 0 and "backend: ROCM_AITER_UNIFIED_ATTN (explicit)" in out
+    assert "block size: 64 (default)" in out
+    assert "VLLM_ROCM_USE_AITER=1 ignored: the explicit backend" in out
+    rc, out, _ = run_select(["--vllm-version", "0.33", "--attention-backend", "auto"])
+    assert rc == 0 and "backend: ROCM_ATTN (automatic, rule PRIORITY)" in out
+
+
+@pytest.mark.parametrize("row", SEEDS, ids=seed_id)
+def test_explain_works_on_every_seed_example_in_0_33(row):
+    """The issue's 'done when': --vllm-version 0.33.0 --explain on the seed examples."""
+    rc, out, err = run_select(["--vllm-version", "0.33.0", *seed_argv(row)])
+    if rc == 2:  # vLLM 0.33 refuses it: the chain goes to stderr, ending in the error
+        chain = [line.strip() for line in err.splitlines()[:-1]]
+        assert chain[0].startswith("1. VERSION: vLLM 0.33.0") and ": error: " in chain[-1]
+        assert err.splitlines()[-1].startswith("attncheck select: invalid configuration: ")
+        return
+    assert rc == 0, err
+    lines = out.splitlines()
+    backend = next(line for line in lines if line.startswith("backend: "))
+    rules = lines[lines.index("rules:") + 1:]
+    assert rules[0].strip().startswith("1. VERSION: vLLM 0.33.0: line 0.33")
+    decided = "E-WINS" if "(explicit)" in backend else "PRIORITY"
+    assert any(f". {decided}: " in r and backend.split()[1] in r for r in rules), out
+    if "VLLM_ATTENTION_BACKEND" in row.command:  # 0.33 no longer reads it, and says so
+        assert "VLLM_ATTENTION_BACKEND" in out and "no longer reads it" in out
+
+
+def test_compare_versions_shows_every_changed_seed_example_side_by_side():
+    rc, out, err = run_select(["--compare-versions"])
+    assert rc == 0, err
+    header, *body = out.splitlines()
+    changed = [line for line in body if line and not line.startswith(" ")]
+    assert header.startswith(f"{len(changed)} of {len(SEEDS)} seed examples select "
+                             "differently in vLLM 0.33.0 than in vLLM 0.12.0")
+    expected = {r.id for r in SEEDS if _result(r, "0.12.0") != _result(r, "0.33.0")}
+    assert {line.split(": ", 1)[0] for line in changed} == expected and expected
+    first = body.index(changed[0] if changed else "")
+    assert body[first + 1].split("|")[0].strip() == "vLLM 0.12.0"
+    assert body[first + 1].split("|")[1].strip() == "vLLM 0.33.0"
+    rc, out, _ = run_select(["--compare-versions", "--json"])
+    assert {o["example"] for o in json.loads(out)} == expected
+
+
+def _result(row, version):
+    from impl.selection import SelectionError, select_backend
+
+    try:
+        sel = select_backend(**row.inputs(), vllm_version=version)
+    except SelectionError:
+        return "error"
+    return (sel.backend, sel.block_size)
+
+
+def test_installed_version_is_read_from_package_metadata(monkeypatch):
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "version", lambda name: "0.33.0" if name == "vllm" else "")
+    assert select_cmd.installed_vllm_version() == "0.33.0"
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    assert select_cmd.installed_vllm_version() is None

@@ -71,9 +71,14 @@ def test_real_or_unrelated_variables_do_not_warn(name):
 def test_legacy_suffix_and_case_are_accepted_with_a_note():
     sel = select_backend({BACKEND: "rocm_attn_vllm_v1"})
     assert sel.backend == "ROCM_ATTN"
-    assert sel.warnings == ("backend name 'rocm_attn_vllm_v1': the _VLLM_V1 suffix is "
-                            "deprecated; use ROCM_ATTN",)
-    assert select_backend({}, "triton_mla", kind="mla").backend == "TRITON_MLA"
+    assert sel.warnings == (
+        "backend name 'rocm_attn_vllm_v1': the _VLLM_V1 suffix is deprecated; use ROCM_ATTN",
+        "vLLM 0.12 itself rejects 'rocm_attn_vllm_v1': it checks VLLM_ATTENTION_BACKEND "
+        "against the exact enum names (case and suffix included) before anything else; "
+        "attncheck reads it as ROCM_ATTN")
+    sel = select_backend({}, "triton_mla", kind="mla")
+    assert sel.backend == "TRITON_MLA" and "vLLM 0.12 itself rejects" in sel.warnings[0]
+    assert select_backend({}, "TRITON_ATTN").warnings == ()
 
 
 def test_argument_beats_env_backend_with_a_warning():
