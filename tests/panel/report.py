@@ -134,6 +134,7 @@ def main(argv=None) -> int:
             print(f"{opt}: the folder of {path} does not exist", file=sys.stderr)
             return 2
     members = [MEMBERS[n] for n in args.member] if args.member else list(MEMBERS.values())
+    torch.set_num_threads(1)  # tiny tensors: more CPU threads only spin (tests/panel/conftest.py)
     rows = collect(members, args.tier, args.device)
     text = (f"panel on {args.device}, tiers {' '.join(args.tier)}\n\n" + format_summary(rows)
             + "\n\n" + format_table(rows) + "\n")
