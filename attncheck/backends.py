@@ -1,9 +1,12 @@
 """The backend registry.
 
-Three sources, in this order: the built-ins below, the entry-point group
-``attncheck.backends`` of installed distributions, and ``--backend-plugin module:attr``
-(pytest option and CLI). A plugin target may be a backend object, a backend class, a
-callable returning a backend or a list of them, or a list of any of these.
+Every backend comes through the entry-point group ``attncheck.backends``: attncheck's own
+entry point ``builtin`` (``impl.backends:builtin_backends``, every module of impl/backends that
+lists ``BACKENDS``) and those of any installed distribution. Then ``--backend-plugin
+module:attr`` (CLI and pytest) and ``register()`` add more for one run. A target may be a
+backend object, a backend class, a callable returning a backend or a list of them, or a list of
+any of these. Run from a source tree that is not installed (no entry points), the built-in
+target is loaded directly.
 """
 
 from __future__ import annotations
@@ -13,22 +16,11 @@ import importlib
 import importlib.metadata
 import os
 import sys
-from typing import Iterable
 
 from impl.backend import Backend
 
 ENTRY_POINT_GROUP = "attncheck.backends"
-
-BUILTIN = {
-    "TORCH_SDPA": "impl.backends.torch_sdpa:TorchSDPABackend",
-    "TRITON_ATTN": "impl.backends.triton_attn:TritonAttnBackend",
-    "ROCM_ATTN": "impl.backends.rocm_attn:RocmAttnBackend",
-    "FLEX_ATTENTION": "impl.backends.flex_attention:FlexAttentionBackend",
-    "ROCM_AITER_UNIFIED_ATTN": "impl.backends.rocm_aiter_unified_attn:AiterUnifiedAttnBackend",
-    "ROCM_AITER_FA": "impl.backends.rocm_aiter_fa:AiterFABackend",
-    "TRITON_MLA": "impl.backends.triton_mla:TritonMLABackend",
-    "ROCM_AITER_MLA": "impl.backends.rocm_aiter_mla:AiterMLABackend",
-}
+BUILTIN_TARGET = "impl.backends:builtin_backends"  # attncheck's own entry point (pyproject.toml)
 
 
 class UnknownBackendError(KeyError):
@@ -40,8 +32,8 @@ class PluginError(ValueError):
     """A backend plugin that cannot be loaded; the message is one line naming the source."""
 
 
-_plugins: dict = {}
-_instances: dict = {}
+_builtin: dict = {}  # name -> backend, from attncheck's own entry point
+_plugins: dict = {}  # name -> backend, from other entry points, --backend-plugin and register()
 _entry_points_loaded = False
 
 
@@ -49,9 +41,9 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def _import_target(spec) -> object:
+def _import_target(spec, option: str = "--backend-plugin") -> object:
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise PluginError(f"--backend-plugin {spec!r}: expected 'module:attr' (e.g. my_backends:BACKEND)")
+        raise PluginError(f"{option} {spec!r}: expected 'module:attr' (e.g. my_backends:BACKEND)")
     mod, attr = spec.split(":")
     # like `python -m`, the current directory is importable (a user's my_backends.py, tests.plugins...)
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -59,10 +51,10 @@ def _import_target(spec) -> object:
     try:
         obj = importlib.import_module(mod)
     except Exception as e:  # ImportError, SyntaxError, or whatever the module raises at import
-        raise PluginError(f"--backend-plugin {spec!r}: cannot import module {mod!r} ({_one_line(e)})") from None
+        raise PluginError(f"{option} {spec!r}: cannot import module {mod!r} ({_one_line(e)})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise PluginError(f"--backend-plugin {spec!r}: module {mod!r} has no attribute {attr!r}")
+            raise PluginError(f"{option} {spec!r}: module {mod!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
 
@@ -97,11 +89,16 @@ def _checked(obj, source: str):
 
 def register(backend, source: str = "register()") -> list:
     """Register a backend object/class/factory; returns the backend names added."""
+    _load_entry_points()
+    return _add(_plugins, backend, source)
+
+
+def _add(table: dict, backend, source: str) -> list:
     names = []
     for b in _materialise(backend, source):
-        if b.name in BUILTIN:
+        if b.name in _builtin and table is not _builtin:
             raise PluginError(f"{source}: backend name {b.name} is a built-in; choose another name")
-        _plugins[b.name] = b
+        table[b.name] = b
         names.append(b.name)
     return names
 
@@ -115,37 +112,43 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    found = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.value != BUILTIN_TARGET)
+    if not any(ep.value == BUILTIN_TARGET for ep in found):  # a source tree on sys.path, not installed
+        _add(_builtin, _import_target(BUILTIN_TARGET, "built-in backends"), f"built-in backends ({BUILTIN_TARGET})")
+    for ep in found:
         source = f"entry point {ep.name} ({ep.value})"
         try:
             target = ep.load()
         except Exception as e:
             raise PluginError(f"{source}: cannot be loaded ({_one_line(e)})") from None
-        register(target, source=source)
+        _add(_builtin if ep.value == BUILTIN_TARGET else _plugins, target, source)
 
 
 def reload_entry_points() -> None:
     """Forget what was discovered and look again (tests install entry points at run time)."""
     global _entry_points_loaded
     _entry_points_loaded = False
+    _builtin.clear()
     _load_entry_points()
+
+
+def builtin_names() -> list:
+    _load_entry_points()
+    return list(_builtin)
 
 
 def names() -> list:
     _load_entry_points()
-    return list(BUILTIN) + sorted(_plugins)
+    return list(_builtin) + sorted(_plugins)
 
 
 def get_backend(name: str):
     _load_entry_points()
-    if name in _plugins:
-        return _plugins[name]
-    if name in BUILTIN:
-        if name not in _instances:
-            _instances[name] = _materialise(_import_target(BUILTIN[name]), f"built-in {name}")[0]
-        return _instances[name]
+    for table in (_plugins, _builtin):
+        if name in table:
+            return table[name]
     upper = name.upper() if isinstance(name, str) else name
-    if upper in BUILTIN or upper in _plugins:
+    if upper != name and (upper in _builtin or upper in _plugins):
         return get_backend(upper)
     close = difflib.get_close_matches(str(name).upper(), names(), n=1)
     hint = f"; did you mean {close[0]}?" if close else ""

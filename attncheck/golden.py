@@ -59,8 +59,10 @@ class GoldenError(Exception):
 
 
 def golden_dir() -> Path:
+    """``ATTNCHECK_GOLDEN_DIR``, else the store shipped in the package: ``attncheck/goldens`` is
+    a link to the repository's ``golden/`` in a checkout and holds a copy of it in a wheel."""
     env = os.environ.get("ATTNCHECK_GOLDEN_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "golden"
+    return Path(env) if env else (Path(__file__).parent / "goldens").resolve()
 
 
 def case_path(case, root: Optional[Path] = None) -> Path:

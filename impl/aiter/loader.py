@@ -32,6 +32,8 @@ import types
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
+from packaging.version import Version
+
 MIN_AITER_VERSION = "0.1.7"
 DIST_NAME = "amd-aiter"
 ENV_PREFIX = "ATTNCHECK_AITER_PATCH_"
@@ -55,21 +57,9 @@ def _installed_version() -> Optional[str]:
         return None
 
 
-def _version_tuple(text: str) -> tuple:
-    """(major, minor, micro) of a PEP 440 version string; extra parts are ignored."""
-    nums = []
-    for part in text.split(".")[:3]:
-        digits = ""
-        for ch in part:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        nums.append(int(digits))
-    while len(nums) < 3:
-        nums.append(0)
-    return tuple(nums)
+def _release(text: str) -> tuple:
+    """(major, minor, micro) of a PEP 440 version: "0.1.7.post2.dev18" counts as 0.1.7."""
+    return (tuple(Version(text).release) + (0, 0, 0))[:3]
 
 
 def aiter_version(lookup: Callable[[], Optional[str]] = None) -> str:
@@ -80,7 +70,7 @@ def aiter_version(lookup: Callable[[], Optional[str]] = None) -> str:
         raise AiterUnavailable(
             f"{DIST_NAME} is not installed: the AITER backends need {DIST_NAME}>={MIN_AITER_VERSION} "
             f"(pip install '{DIST_NAME}>={MIN_AITER_VERSION}')")
-    if _version_tuple(ver) < _version_tuple(MIN_AITER_VERSION):
+    if _release(ver) < _release(MIN_AITER_VERSION):
         raise AiterUnavailable(
             f"{DIST_NAME} {ver} is too old: the AITER backends need >= {MIN_AITER_VERSION} "
             f"(the unified_attention sinks argument and the Triton mha varlen API)")
@@ -93,12 +83,9 @@ def _mode() -> str:
     """'interpreter', 'rocm' or 'cuda' (where AITER's kernels will run in this process)."""
     from impl import platform
 
-    if platform.is_interpreter():
-        return "interpreter"
-    if platform.is_rocm():
-        return "rocm"
-    if platform.is_cuda():
-        return "cuda"
+    target = platform.kernel_target()
+    if target != "none":
+        return target
     raise AiterUnavailable(
         "AITER's Triton kernels need a GPU or the Triton interpreter: set TRITON_INTERPRET=1 "
         "to run them on the CPU")
@@ -310,7 +297,7 @@ def _patch_fa_amd_utils(state: Loaded) -> None:
 def _triton_at_least(major: int, minor: int) -> bool:
     import triton
 
-    return _version_tuple(triton.__version__)[:2] >= (major, minor)
+    return _release(triton.__version__)[:2] >= (major, minor)
 
 
 PATCHES: Dict[str, Patch] = {p.name: p for p in (

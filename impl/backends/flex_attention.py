@@ -207,3 +207,6 @@ class FlexAttentionBackend:
                 score = score - slopes[h] * (qpos[q_idx] - kpos[kv_idx]).abs()
             return score
         return score_mod
+
+
+BACKENDS = (FlexAttentionBackend,)  # what impl.backends.builtin_backends() registers from this module

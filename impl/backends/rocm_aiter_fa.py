@@ -45,6 +45,7 @@ from typing import Optional
 
 import torch
 
+from impl import platform
 from impl.aiter import rocm_ops, support, triton_kernels
 from impl.backend import BackendOutput, BlockSizes, Capabilities, KnownIssue
 from impl.batch import BatchError, check_vllm_order
@@ -97,7 +98,7 @@ def _cumsum0(lens: list, device) -> torch.Tensor:
 
 
 def _on_rocm() -> bool:
-    return support.where() == "rocm"
+    return platform.kernel_target() == "rocm"
 
 
 # ---- kernels behind the pipeline ---------------------------------------------------------------
@@ -163,7 +164,7 @@ class AiterFABackend:
             dtypes=frozenset({torch.float16, torch.bfloat16}),
             block_sizes=BlockSizes(allowed=POW2_BLOCK_SIZES),
             causal=True, non_causal=False, sliding_window=True, softcap=False, alibi=False, sinks=False,
-            fp8_kv=support.fp8_kv_flavours(), returns_lse=False,
+            fp8_kv=platform.triton_fp8_flavours(), returns_lse=False,
             notes=("prefill/extend through AITER Triton mha off ROCm (no softcap, no window: windowed "
                    "calls use unified_attention over a block-size-1 view)",
                    "decode through AITER Triton pa_decode off ROCm (unified_attention for windowed or "
@@ -301,3 +302,6 @@ class AiterFABackend:
                                 sliding_window=W, return_lse=False)
         out[t0:t1] = o
         info["extend"] = "sliding window: gathered last min(seq_len, q_len + W) tokens"
+
+
+BACKENDS = (AiterFABackend,)  # what impl.backends.builtin_backends() registers from this module

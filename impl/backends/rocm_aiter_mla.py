@@ -140,7 +140,7 @@ class AiterMLABackend(MLAPipeline):
         return Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16}),
             block_sizes=BlockSizes(),  # any: block tables are expanded to page size 1
-            causal=True, non_causal=False, fp8_kv=support.fp8_kv_flavours(), returns_lse=False,
+            causal=True, non_causal=False, fp8_kv=platform.triton_fp8_flavours(), returns_lse=False,
             notes=("vLLM declares block sizes 1 and 16; the page-size-1 expansion here takes any",
                    "decode: uniform q_len <= 8 rows (spec decode) through the absorbed kernel",
                    "off ROCm: AITER Triton MLA decode + Triton mha prefill; the ROCm ASM/CK path is "
@@ -156,7 +156,7 @@ class AiterMLABackend(MLAPipeline):
                                 f"(the ROCm ASM mla_decode_fwd path is not verified on this machine)")
 
     def _on_rocm(self) -> bool:
-        return loader.load().mode == "rocm"
+        return platform.kernel_target() == "rocm"
 
     def _decode_latent(self, q, batch, entry_tables, kv_lens, max_kv_len):
         kw = dict(scale=batch.scale, kv_lora_rank=batch.kv_lora_rank, kv_scale=batch.kv_scale)
@@ -175,3 +175,6 @@ class AiterMLABackend(MLAPipeline):
             max_seqlen_k=max(1, int(max_k)), dropout_p=0.0, softmax_scale=float(scale), causal=bool(causal),
             return_lse=True, config=triton_kernels.mha_config(q.device, q.shape[-1], q.dtype))
         return out, triton_kernels.normalize_lse(lse, triton_kernels.empty_rows(q_lens, k_lens, causal))
+
+
+BACKENDS = (AiterMLABackend,)  # what impl.backends.builtin_backends() registers from this module

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from impl import platform
 from impl.aiter import loader, support, triton_kernels
 from impl.backend import BackendOutput, BlockSizes, Capabilities, KnownIssue
 from impl.triton import cache_ops
@@ -82,7 +83,7 @@ class AiterUnifiedAttnBackend:
             dtypes=frozenset({torch.float16, torch.bfloat16}),
             block_sizes=BlockSizes(allowed=POW2_BLOCK_SIZES),
             causal=True, non_causal=False, sliding_window=True, softcap=True, alibi=True,
-            sinks=True, fp8_kv=support.fp8_kv_flavours(), returns_lse=False,
+            sinks=True, fp8_kv=platform.triton_fp8_flavours(), returns_lse=False,
             notes=("AITER Triton unified_attention: causal only, no LSE output",
                    "block sizes: powers of two >= 16 (TILE_SIZE = block_size for all-decode batches)"))
 
@@ -107,3 +108,6 @@ class AiterUnifiedAttnBackend:
             k_scale=batch.k_scale, v_scale=batch.v_scale)
         return BackendOutput(out, None, info={"kernel": "aiter.ops.triton.unified_attention",
                                               "aiter": support.describe_loader()})
+
+
+BACKENDS = (AiterUnifiedAttnBackend,)  # what impl.backends.builtin_backends() registers from this module

@@ -29,17 +29,6 @@ from impl.triton import cache_ops, compat, paged_decode, prefix_prefill
 
 # late-2025 ROCM_ATTN head sizes, plus 80 (added later); all are padded to a power of two.
 HEAD_SIZES = frozenset({32, 64, 80, 96, 128, 160, 192, 224, 256})
-BOTH_FP8 = frozenset({"fp8_e4m3fn", "fp8_e4m3fnuz"})
-
-
-def _fp8_flavours() -> frozenset:
-    """fp8 KV flavours the Triton kernels can read here: both in the interpreter; compiled CUDA
-    Triton has no e4m3fnuz; on ROCm the arch's own flavour."""
-    if platform.is_interpreter():
-        return BOTH_FP8
-    if platform.is_rocm():
-        return frozenset({platform.detect_platform().fp8_flavour()})
-    return frozenset({"fp8_e4m3fn"})
 
 
 class RocmAttnBackend:
@@ -61,7 +50,7 @@ class RocmAttnBackend:
             head_sizes=HEAD_SIZES,
             block_sizes=BlockSizes(multiple_of=16, minimum=16),
             causal=True, non_causal=True, sliding_window=True, softcap=True, alibi=True,
-            sinks=True, fp8_kv=_fp8_flavours(), returns_lse=True,
+            sinks=True, fp8_kv=platform.triton_fp8_flavours(), returns_lse=True,
             notes=("decode: Triton split-K paged attention standing in for the HIP kernel",
                    "new tokens are read back from the cache after the write (fp8: quantised)",
                    "sinks: late-2025 ROCM_ATTN (Triton fallback); vLLM HEAD reports no sinks",
@@ -111,3 +100,6 @@ class RocmAttnBackend:
                                       max_seq_len=max(decode_lens), **common)
             kernels.append(f"paged_decode(P={self.partition_size})")
         return BackendOutput(out, lse, info={"kernels": kernels})
+
+
+BACKENDS = (RocmAttnBackend,)  # what impl.backends.builtin_backends() registers from this module

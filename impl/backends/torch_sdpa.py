@@ -116,3 +116,6 @@ class TorchSDPABackend:
         if batch.alibi_slopes is None:
             return allowed, False  # boolean mask: any dtype, fused kernels allowed
         return mask.masked_fill(~allowed, float("-inf")), False
+
+
+BACKENDS = (TorchSDPABackend,)  # what impl.backends.builtin_backends() registers from this module

@@ -25,17 +25,6 @@ from impl.triton import cache_ops, compat, unified_attention
 # vLLM's TRITON_ATTN takes any head size >= 32; ours pads to a power of two (<= 256 keeps the
 # tiles within shared memory on a GPU). Multiples of 8 from 32 to 256.
 HEAD_SIZES = frozenset(range(32, 257, 8))
-BOTH_FP8 = frozenset({"fp8_e4m3fn", "fp8_e4m3fnuz"})
-
-
-def _fp8_flavours() -> frozenset:
-    """Both flavours under the interpreter; compiled CUDA Triton has no e4m3fnuz; on ROCm the
-    arch's own flavour."""
-    if platform.is_interpreter():
-        return BOTH_FP8
-    if platform.is_rocm():
-        return frozenset({platform.detect_platform().fp8_flavour()})
-    return frozenset({"fp8_e4m3fn"})
 
 
 class TritonAttnBackend:
@@ -53,7 +42,7 @@ class TritonAttnBackend:
             # vLLM: multiples of 16; the kernel addresses keys by position, so 544 works too.
             block_sizes=BlockSizes(multiple_of=16, minimum=16),
             causal=True, non_causal=True, sliding_window=True, softcap=True, alibi=True,
-            sinks=True, fp8_kv=_fp8_flavours(), returns_lse=True,
+            sinks=True, fp8_kv=platform.triton_fp8_flavours(), returns_lse=True,
             notes=("one unified-attention launch; split-KV (3-D) + segment reduce for long all-decode batches",
                    "returns the LSE its kernel computes (vLLM's TRITON_ATTN does not expose one)",
                    "fp8 e4m3fnuz only under the Triton interpreter (CUDA Triton has no fnuz)"))
@@ -100,3 +89,6 @@ class TritonAttnBackend:
         return BackendOutput(out, lse, info={"kernels": ["reshape_and_cache",
                                                          "unified_attention(3-D split-KV)" if split
                                                          else "unified_attention(2-D)"]})
+
+
+BACKENDS = (TritonAttnBackend,)  # what impl.backends.builtin_backends() registers from this module

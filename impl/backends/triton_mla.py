@@ -104,13 +104,6 @@ def _cu(lens: list, device) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int32, device=device)
 
 
-def _fp8_flavours() -> frozenset:
-    # CUDA Triton has no e4m3fnuz; the interpreter and ROCm read both
-    if platform.is_interpreter() or platform.is_rocm():
-        return frozenset({"fp8_e4m3fn", "fp8_e4m3fnuz"})
-    return frozenset({"fp8_e4m3fn"})
-
-
 class MLAPipeline:
     """vLLM's MLA forward with pluggable kernels (``_decode_latent`` and ``_attend``)."""
 
@@ -238,7 +231,7 @@ class TritonMLABackend(MLAPipeline):
         return Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16}),
             block_sizes=BlockSizes(multiple_of=16, minimum=16),
-            causal=True, non_causal=False, fp8_kv=_fp8_flavours(), returns_lse=False,
+            causal=True, non_causal=False, fp8_kv=platform.triton_fp8_flavours(), returns_lse=False,
             notes=("vLLM requires block_size >= 16 for TRITON_MLA (ROCM_AITER_MLA takes block size 1)",
                    "decode: own Triton absorbed-MLA kernel (split-KV + reduce); prefill: own Triton "
                    "varlen attention with V zero-padded 128 -> 192 and sliced back, context chunks merged"))
@@ -264,3 +257,6 @@ class TritonMLABackend(MLAPipeline):
     def _attend(self, q, k, v, cu_q, cu_k, max_q, max_k, q_lens, k_lens, causal, scale):
         return varlen_attention.varlen_attention(q, k, v, cu_q, cu_k, scale=scale, causal=causal,
                                                  max_seqlen_q=max_q)
+
+
+BACKENDS = (TritonMLABackend,)  # what impl.backends.builtin_backends() registers from this module

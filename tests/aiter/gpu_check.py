@@ -50,8 +50,8 @@ def main():
                     print("   ", v.report[-900:].replace("\n", "\n    "))
             print(f"   ({time.time() - t0:.1f}s)", flush=True)
     if "bench" in sys.argv:
-        from impl.aiter import bench_rows
-        for row, fn in bench_rows.rows(device="cuda"):
+        from attncheck.bench.rows import aiter_rows
+        for row, fn in aiter_rows(device="cuda"):
             fn(); torch.cuda.synchronize()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()

@@ -1,4 +1,4 @@
-"""Benchmark rows for ``attncheck bench``: MLA absorbed decode, own kernel vs AITER's, same data.
+"""``attncheck bench`` rows: MLA absorbed decode, own kernel vs AITER's, same data.
 
 Shape (the issue's row): 64 sequences x 4096 keys of context, 16 heads per rank (DeepSeek-V3 at
 TP8), bf16, latent cache ``[nb, 16, 576]`` with a shuffled block table. Work = bytes of latent

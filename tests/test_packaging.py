@@ -1,0 +1,54 @@
+"""The wheel carries what `attncheck verify` and `attncheck golden verify` need without a
+checkout: the three packages, the golden store (attncheck/goldens) and the entry points (the
+pytest plugin, the built-in backends). docs/ARCHITECTURE.md records the clean-venv run."""
+
+import configparser
+import importlib.util
+import json
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from attncheck import backends, pytest_plugin
+
+REPO = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_builtin_entry_point_is_the_registrys_builtin_target():
+    group = PYPROJECT["project"]["entry-points"]["attncheck.backends"]
+    assert group == {"builtin": backends.BUILTIN_TARGET}
+    assert PYPROJECT["project"]["entry-points"]["pytest11"] == {pytest_plugin.__name__: pytest_plugin.__name__}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("build") is None, reason="needs the build package (pip install -e '.[dev]')")
+def test_wheel_ships_packages_goldens_and_entry_points(tmp_path):
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for f in files:  # a clean copy: no build leftovers, and nothing written into the checkout
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / f).is_symlink():
+            (src / f).symlink_to((REPO / f).readlink())
+        else:
+            (src / f).write_bytes((REPO / f).read_bytes())
+    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
+                        str(src)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("attncheck-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        manifest = json.loads(z.read("attncheck/goldens/MANIFEST.json"))
+        eps = configparser.ConfigParser()
+        eps.read_string(z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode())
+    assert {f"attncheck/goldens/{e['path']}" for e in manifest["cases"].values()} <= names
+    assert {"attncheck/cli.py", "attncheck/pytest_plugin.py", "impl/backends/triton_attn.py",
+            "reference/mha.py"} <= names
+    assert not any(n.startswith("tests/") for n in names)
+    assert eps["attncheck.backends"]["builtin"] == backends.BUILTIN_TARGET
+    assert eps["pytest11"][pytest_plugin.__name__] == pytest_plugin.__name__
+    assert eps["console_scripts"]["attncheck"] == "attncheck.cli:main"
