@@ -7,24 +7,19 @@ in-memory MLA cases through the harness (float64 reference, per-row budgets)."""
 
 import ast
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from attncheck import golden, harness  # noqa: E402
-from attncheck.mla_case import MINI, MLACase  # noqa: E402
-from impl.aiter import loader  # noqa: E402
-from impl.backends import rocm_aiter_mla, triton_mla  # noqa: E402
-from impl.batch import BatchError  # noqa: E402
+from attncheck import golden, harness
+from attncheck.mla_case import MINI, MLACase
+from impl.aiter import loader
+from impl.backends import rocm_aiter_mla, triton_mla
+from impl.batch import BatchError
 
 pytestmark = [pytest.mark.smoke,
               pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")]
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_decode_row_split_rules():
@@ -74,13 +69,13 @@ def test_rocm_adapter_keywords_exist_in_installed_aiter():
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.version.hip is not None, reason="runs on ROCm")
-def test_rocm_decode_adapter_refuses_off_rocm_and_is_reported_unverified():
+def test_rocm_decode_adapter_refuses_off_rocm_and_is_reported_unverified(device):
     q = torch.zeros(1, 16, 576, dtype=torch.bfloat16)
     cache = torch.zeros(1, 16, 576, dtype=torch.bfloat16)
     with pytest.raises(loader.AiterUnavailable):
         rocm_aiter_mla.rocm_mla_decode(q, cache, torch.zeros(1, 1, dtype=torch.int32),
                                        torch.ones(1, dtype=torch.int32), scale=0.1, kv_lora_rank=512, kv_scale=1.0)
-    note = rocm_aiter_mla.AiterMLABackend().availability(torch.device(DEV)).reason
+    note = rocm_aiter_mla.AiterMLABackend().availability(torch.device(device)).reason
     assert "not verified on this machine" in note
 
 
@@ -90,9 +85,9 @@ def test_triton_mla_declares_block_size_16_minimum():
     assert rocm_aiter_mla.AiterMLABackend().capabilities.block_sizes.accepts(1)
 
 
-def test_unordered_batch_is_rejected_with_batch_error():
+def test_unordered_batch_is_rejected_with_batch_error(device):
     case = MLACase("pipe-unordered", (9, 20), (9, 1), num_heads=8, unordered=True, seed=600, **MINI)
-    batch = golden.case_module(case).batch_from_tensors(case, golden.generate(case), DEV)
+    batch = golden.case_module(case).batch_from_tensors(case, golden.generate(case), device)
     for be in (triton_mla.TritonMLABackend(), rocm_aiter_mla.AiterMLABackend()):
         with pytest.raises(BatchError, match="batch order"):
             be.run(batch.clone())
@@ -110,10 +105,10 @@ CASES = [
 
 @pytest.mark.parametrize("backend", ["TRITON_MLA", "ROCM_AITER_MLA"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_pipelines_pass_in_memory_cases(backend, case):
-    v = harness.run_backend(backend, case, device=DEV)
+def test_pipelines_pass_in_memory_cases(backend, case, device):
+    v = harness.run_backend(backend, case, device=device)
     assert v.status == "pass", v.report
-    info = v.details["info"]
+    info = v.info
     if case.context_chunk_tokens:
         assert info["context_chunks"] == 3  # 39 context tokens in chunks of 16
     if case.name.startswith("pipe-spec"):

@@ -8,24 +8,17 @@ bug, PR #31282). Bugs are planted by replacing the module-level helpers / kernel
 look up at call time; each test also checks that the report names the rows that carry the bug.
 """
 
-import os
-import re
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from attncheck import golden, harness  # noqa: E402
-from attncheck.mla_case import MINI, MLACase  # noqa: E402
-from impl.backends import rocm_aiter_mla, triton_mla  # noqa: E402
+from attncheck import golden, harness
+from attncheck.mla_case import MINI, MLACase
+from impl.backends import rocm_aiter_mla, triton_mla
 
 # AITER's Triton MLA decode evaluates exp(-inf - -inf) for the padding heads of its 16-head tile
 # (8 heads here); those rows are masked on store, numpy just warns about the NaN it computed.
 pytestmark = [pytest.mark.smoke,
               pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")]
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["TRITON_MLA", "ROCM_AITER_MLA"]
 
 # decode rows (0, 1, 2) then an extend (3) and a prefill (4); mini latent dims keep the interpreter fast
@@ -43,24 +36,25 @@ def _tensors(case):
     return _TENSORS[case.name]
 
 
-def _run(backend, case):
-    return harness.run_backend(backend, case, device=DEV, tensors=_tensors(case))
+@pytest.fixture
+def run(device):
+    """Judge a backend on a case, on this run's device (tensors generated once per case)."""
+    return lambda backend, case: harness.run_backend(backend, case, device=device, tensors=_tensors(case))
 
 
 def _failing_sequences(verdict) -> set:
-    rows = verdict.details.get("failing_rows", [])
-    return {int(re.match(r"sequence (\d+),", r["where"]).group(1)) for r in rows}
+    return {r["sequence"] for r in verdict.failing_rows}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_clean_pipelines_pass(backend):
+def test_clean_pipelines_pass(backend, run):
     for case in (MIXED, SCALE):
-        v = _run(backend, case)
+        v = run(backend, case)
         assert v.status == "pass", v.report
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_wrong_prefill_scale_fails(backend, monkeypatch):
+def test_wrong_prefill_scale_fails(backend, monkeypatch, run):
     cls = type(harness.get_backend(backend))
     orig = cls._attend
 
@@ -68,44 +62,44 @@ def test_wrong_prefill_scale_fails(backend, monkeypatch):
         return orig(self, q, k, v, cu_q, cu_k, max_q, max_k, q_lens, k_lens, causal, 576 ** -0.5)
 
     monkeypatch.setattr(cls, "_attend", attend_576)
-    v = _run(backend, SCALE)
+    v = run(backend, SCALE)
     assert v.status == "fail", v.report
     assert _failing_sequences(v) <= {0, 1} and _failing_sequences(v)
     assert "per-row" in v.report and "sequence" in v.report
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rope_and_nope_swapped_in_prefill_query_fails(backend, monkeypatch):
+def test_rope_and_nope_swapped_in_prefill_query_fails(backend, monkeypatch, run):
     monkeypatch.setattr(triton_mla, "prefill_query", lambda q_nope, q_pe: torch.cat([q_pe, q_nope], -1).contiguous())
-    v = _run(backend, MIXED)
+    v = run(backend, MIXED)
     assert v.status == "fail", v.report
     assert _failing_sequences(v) and _failing_sequences(v) <= {3, 4}  # only the prefill-path rows
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rope_and_nope_swapped_in_absorbed_query_fails(backend, monkeypatch):
+def test_rope_and_nope_swapped_in_absorbed_query_fails(backend, monkeypatch, run):
     monkeypatch.setattr(triton_mla, "absorbed_query", lambda ql, q_pe: torch.cat([q_pe, ql], -1).contiguous())
-    v = _run(backend, MIXED)
+    v = run(backend, MIXED)
     assert v.status == "fail", v.report
     assert _failing_sequences(v) and _failing_sequences(v) <= {0, 1, 2}  # only the decode rows
 
 
-def test_v_padding_not_sliced_back_fails(monkeypatch):
+def test_v_padding_not_sliced_back_fails(monkeypatch, run):
     # vLLM pads V 128 -> qk dim on ROCm; forgetting the slice and flattening heads mixes them up
     def flatten_bug(out, v_dim):
         t, n, _ = out.shape
         return out.reshape(t, -1)[:, :n * v_dim].reshape(t, n, v_dim)
 
     monkeypatch.setattr(triton_mla, "unpad_v", flatten_bug)
-    v = _run("TRITON_MLA", MIXED)
+    v = run("TRITON_MLA", MIXED)
     assert v.status == "fail", v.report
-    rows = v.details["failing_rows"]
+    rows = v.failing_rows
     assert _failing_sequences(v) <= {3, 4}
     assert all(r["head"] != 0 for r in rows)  # head 0 survives the flatten; the others do not
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_last_latent_page_wrong_fails(backend, monkeypatch):
+def test_last_latent_page_wrong_fails(backend, monkeypatch, run):
     orig = triton_mla.expand_decode_entries
 
     def last_page_wrong(query_lens, seq_lens, block_table):
@@ -119,14 +113,14 @@ def test_last_latent_page_wrong_fails(backend, monkeypatch):
         return tables, kv_lens
 
     monkeypatch.setattr(triton_mla, "expand_decode_entries", last_page_wrong)
-    v = _run(backend, MIXED)
+    v = run(backend, MIXED)
     assert v.status == "fail", v.report
     # sequence 0 (5 keys) has one page and is untouched; 1 (40 keys) and 2 (17 keys) are wrong
     assert _failing_sequences(v) and _failing_sequences(v) <= {1, 2}
     assert "KV blocks" in v.report
 
 
-def test_aiter_page_size_one_expansion_bug_fails(monkeypatch):
+def test_aiter_page_size_one_expansion_bug_fails(monkeypatch, run):
     # the same bug class inside the AITER-specific page-size-1 expansion: the last slot is off by one
     orig = rocm_aiter_mla.page_size_one_indices
 
@@ -138,7 +132,7 @@ def test_aiter_page_size_one_expansion_bug_fails(monkeypatch):
         return indptr, idx
 
     monkeypatch.setattr(rocm_aiter_mla, "page_size_one_indices", off_by_one)
-    v = _run("ROCM_AITER_MLA", MIXED)
+    v = run("ROCM_AITER_MLA", MIXED)
     assert v.status == "fail", v.report
     assert _failing_sequences(v) <= {0, 1, 2}
 
@@ -150,20 +144,20 @@ FP8_CHUNKS = MLACase("planted-chunks-h8-mini-bs16-bf16-fp8e4m3fn", (3, 45, 7), (
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp8_context_gathered_without_dequantisation_fails(backend, monkeypatch):
+def test_fp8_context_gathered_without_dequantisation_fails(backend, monkeypatch, run):
     # vLLM's AITER FA extend once gathered fp8 context with dequant=False (research notes, bug 4)
     from impl.triton import cache_ops
 
-    assert _run(backend, FP8_CHUNKS).status == "pass"
+    assert run(backend, FP8_CHUNKS).status == "pass"
     orig = cache_ops.gather_cache
     monkeypatch.setattr(cache_ops, "gather_cache", lambda *a, **kw: orig(*a, **{**kw, "k_scale": 1.0}))
-    v = _run(backend, FP8_CHUNKS)
+    v = run(backend, FP8_CHUNKS)
     assert v.status == "fail", v.report
     # TRITON_MLA gathers only the extend's context; AITER's Triton decode also gathers for the decode row
     assert _failing_sequences(v) <= {0, 1}
 
 
-def test_merge_without_both_neg_inf_guard_fails(monkeypatch):
+def test_merge_without_both_neg_inf_guard_fails(monkeypatch, run):
     # merge_attn_states' Triton kernel on ROCm had no guard for two -inf LSEs (research notes, bug 12)
     from impl.triton import merge_attn_states as merge_mod
 
@@ -178,6 +172,6 @@ def test_merge_without_both_neg_inf_guard_fails(monkeypatch):
             output_lse.copy_(m + torch.log(wp + ws))
 
     monkeypatch.setattr(merge_mod, "merge_attn_states", unguarded)
-    v = _run("TRITON_MLA", FP8_CHUNKS)
+    v = run("TRITON_MLA", FP8_CHUNKS)
     assert v.status == "fail", v.report
-    assert "NaN" in v.report and "sequence 2" in v.report  # the zero-context prefill
+    assert "NaN" in v.report and _failing_sequences(v) == {2}, v.report  # the zero-context prefill

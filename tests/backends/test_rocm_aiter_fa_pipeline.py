@@ -13,7 +13,6 @@ from impl.platform import is_interpreter
 pytestmark = [pytest.mark.smoke,
               pytest.mark.skipif(not is_interpreter() and not torch.cuda.is_available(),
                                  reason="AITER Triton kernels need TRITON_INTERPRET=1 or a GPU")]
-DEVICE = "cpu" if is_interpreter() else "cuda"
 
 
 def test_split_counts_and_rejects_unordered():
@@ -25,7 +24,7 @@ def test_split_counts_and_rejects_unordered():
     assert fa.min_seqlen_q([3, 6]) == 1
 
 
-def test_default_chunk_is_32k_over_num_extends_not_block_rounded(monkeypatch):
+def test_default_chunk_is_32k_over_num_extends_not_block_rounded(monkeypatch, device):
     seen = {}
     real = fa.AiterFABackend._extend_chunked
 
@@ -35,30 +34,30 @@ def test_default_chunk_is_32k_over_num_extends_not_block_rounded(monkeypatch):
 
     monkeypatch.setattr(fa.AiterFABackend, "_extend_chunked", spy)
     case = MHACase("fa-chunk-default", seq_lens=(40, 29, 30), query_lens=(5, 3, 7), dtype="fp16")
-    v = harness.run_backend("ROCM_AITER_FA", case, device=DEVICE)
+    v = harness.run_backend("ROCM_AITER_FA", case, device=device)
     assert v.status == "pass", v.report
     assert seen["context_chunk_tokens"] == 32768 // 3 == 10922 and seen["context_chunks"] == 1
 
 
-def test_override_runs_many_chunks_with_empty_requests_per_chunk():
+def test_override_runs_many_chunks_with_empty_requests_per_chunk(device):
     # chunk 7 tokens: sequence 1 (context 5) is empty in every chunk after the first
     case = MHACase("fa-chunk-many", seq_lens=(40, 9), query_lens=(5, 4), dtype="bf16", context_chunk_tokens=7)
-    v = harness.run_backend("ROCM_AITER_FA", case, device=DEVICE)
+    v = harness.run_backend("ROCM_AITER_FA", case, device=device)
     assert v.status == "pass", v.report
     assert v.details["info"]["context_chunks"] == 5
 
 
-def test_sliding_window_extend_path():
+def test_sliding_window_extend_path(device):
     # decode seq_len 32 is block-aligned; extends have context longer and shorter than the window
     case = MHACase("fa-sw-extend", seq_lens=(32, 45, 12, 9), query_lens=(1, 6, 5, 9), dtype="fp16",
                    sliding_window=8)
-    v = harness.run_backend("ROCM_AITER_FA", case, device=DEVICE)
+    v = harness.run_backend("ROCM_AITER_FA", case, device=device)
     assert v.status == "pass", v.report
     assert "sliding window" in v.details["info"]["extend"]
     assert v.details["info"]["decode"] == "aiter.ops.triton.unified_attention"
 
 
-def test_sliding_window_gather_start_matters(monkeypatch):
+def test_sliding_window_gather_start_matters(monkeypatch, device):
     """The SW path gathers the last min(seq_len, q_len + W) tokens; starting the gather one token
     late (a plausible off-by-one) must fail."""
     case = MHACase("fa-sw-gather", seq_lens=(45, 30), query_lens=(6, 5), dtype="fp16", sliding_window=8)
@@ -69,13 +68,13 @@ def test_sliding_window_gather_start_matters(monkeypatch):
         return real(kc, vc, bt, cu, starts + 1, **kw)
 
     monkeypatch.setattr(cache_ops, "gather_cache", late)
-    v = harness.run_backend("ROCM_AITER_FA", case, device=DEVICE)
+    v = harness.run_backend("ROCM_AITER_FA", case, device=device)
     assert v.status == "fail", v.report
 
 
-def test_grouped_decodes_use_pa_decode():
+def test_grouped_decodes_use_pa_decode(device):
     case = MHACase("fa-decodes", seq_lens=(17, 33, 5), query_lens=(1, 1, 1), dtype="bf16")
-    v = harness.run_backend("ROCM_AITER_FA", case, device=DEVICE)
+    v = harness.run_backend("ROCM_AITER_FA", case, device=device)
     assert v.status == "pass", v.report
     assert v.details["info"]["decode"] == "aiter.ops.triton.pa_decode"
 

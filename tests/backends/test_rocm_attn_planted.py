@@ -7,7 +7,6 @@ looks up at call time (``paged_decode.paged_decode`` / ``prefix_prefill.prefix_p
 backend code itself is untouched. Runs under TRITON_INTERPRET=1 on the CPU, tiny shapes.
 """
 
-
 import pytest
 import torch
 
@@ -22,8 +21,6 @@ pytestmark = [pytest.mark.smoke,
               pytest.mark.skipif(not is_interpreter() and not torch.cuda.is_available(),
                                  reason="ROCM_ATTN's Triton kernels need TRITON_INTERPRET=1 or a GPU")]
 
-DEVICE = "cpu" if is_interpreter() else "cuda"
-
 # Sequence 0 ends in a partial block (37 = 2*16 + 5); sequence 1 fills whole blocks.
 PARTIAL_BLOCK = MHACase("planted-rocm-partial-block", seq_lens=(37, 32), query_lens=(1, 1), dtype="fp16",
                         num_heads=4, num_kv_heads=2)
@@ -36,46 +33,49 @@ EMPTY_PARTITION = MHACase("planted-rocm-empty-partition", seq_lens=(300, 40), qu
                           num_heads=4, num_kv_heads=2, sliding_window=16)
 
 
-def _run(case):
-    return harness.run_backend(RocmAttnBackend(), case, device=DEVICE)
+@pytest.fixture
+def run(device):
+    """Judge ROCM_ATTN on a case, on this run's device."""
+    return lambda case: harness.run_backend(RocmAttnBackend(), case, device=device)
 
 
-def _sequences_named(verdict) -> set:
-    return {r["where"].split(",")[0] for r in verdict.details.get("failing_rows", [])}
+def _sequences(verdict) -> set:
+    """The sequences of the failing rows the verdict names."""
+    return {r["sequence"] for r in verdict.failing_rows}
 
 
 @pytest.mark.parametrize("case", [PARTIAL_BLOCK, WINDOW_EDGE, EMPTY_PARTITION], ids=lambda c: c.name)
-def test_unmodified_backend_passes(case):
-    v = _run(case)
+def test_unmodified_backend_passes(case, run):
+    v = run(case)
     assert v.status == "pass", v.report
 
 
-def test_decode_skipping_the_last_partial_block(monkeypatch, tmp_path):
+def test_decode_skipping_the_last_partial_block(monkeypatch, tmp_path, run):
     bad = mutant(paged_decode, [("key_end = seq_len", "key_end = (seq_len // block_size) * block_size", 1)],
                  tmp_path)
     monkeypatch.setattr(paged_decode, "paged_decode", bad.paged_decode)
-    v = _run(PARTIAL_BLOCK)
+    v = run(PARTIAL_BLOCK)
     assert v.status == "fail", v.report
-    assert _sequences_named(v) == {"sequence 0"}, v.report
+    assert _sequences(v) == {0}, v.report
 
 
-def test_prefix_prefill_window_off_by_one(monkeypatch, tmp_path):
+def test_prefix_prefill_window_off_by_one(monkeypatch, tmp_path, run):
     bad = mutant(prefix_prefill, [("visible = visible & (dist < window)", "visible = visible & (dist <= window)", 1)],
                  tmp_path)
     monkeypatch.setattr(prefix_prefill, "prefix_prefill", bad.prefix_prefill)
-    v = _run(WINDOW_EDGE)
+    v = run(WINDOW_EDGE)
     assert v.status == "fail", v.report
-    named = _sequences_named(v)  # the report lists the worst rows; both sequences are affected
-    assert named and named <= {"sequence 0", "sequence 1"}, v.report
+    named = _sequences(v)  # the worst rows; both sequences are affected
+    assert named and named <= {0, 1}, v.report
 
 
-def test_decode_reduce_without_the_inf_guard(monkeypatch, tmp_path):
+def test_decode_reduce_without_the_inf_guard(monkeypatch, tmp_path, run):
     """The reduce reads every partition below cdiv(seq_len, P), including the one the window
     emptied and stage 1 never wrote (its workspace is NaN)."""
     bad = mutant(paged_decode, [("valid = (parts >= first) & (parts < last)", "valid = parts < last", 2),
                                 ("start = (first // RED_BLOCK) * RED_BLOCK", "start = 0", 1)], tmp_path)
     monkeypatch.setattr(paged_decode, "paged_decode", bad.paged_decode)
-    v = _run(EMPTY_PARTITION)
+    v = run(EMPTY_PARTITION)
     assert v.status == "fail", v.report
     assert "[FAIL] finite" in v.report, v.report  # NaN from the unwritten partition
-    assert _sequences_named(v) == {"sequence 0"}, v.report
+    assert _sequences(v) == {0}, v.report

@@ -11,55 +11,45 @@ in with monkeypatch through the module the backend looks kernels up in at call t
       output of segments that saw no key (unwritten, NaN-poisoned workspace) and weights it by 0.
 """
 
-import os
-import re
-
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from impl.triton import unified_attention as ua  # noqa: E402
-
-harness = pytest.importorskip("attncheck.harness", reason="attncheck.harness is not available yet")
-from attncheck.cases import MHACase  # noqa: E402
-from impl.backends.triton_attn import TritonAttnBackend  # noqa: E402
+from attncheck import harness
+from attncheck.cases import MHACase
+from impl.backends.triton_attn import TritonAttnBackend
+from impl.triton import unified_attention as ua
 
 pytestmark = pytest.mark.smoke
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _real_unified = ua.unified_attention
 
 
-def _run(case):
+@pytest.fixture
+def run(device):
+    """Judge TRITON_ATTN on a case, on this run's device."""
     backend = TritonAttnBackend()
-    if not backend.availability(torch.device(DEVICE)).ok:
-        pytest.skip(backend.availability(torch.device(DEVICE)).reason)
-    return harness.run_backend(backend, case, device=DEVICE)
+    available = backend.availability(torch.device(device))
+    if not available.ok:
+        pytest.skip(available.reason)
+    return lambda case: harness.run_backend(backend, case, device=device)
 
 
 def _failing(verdict, what):
-    """(sequence, head) pairs of the failing rows the report names."""
-    rows = verdict.details.get("failing_rows", [])
-    pairs = []
-    for r in rows:
-        m = re.search(r"sequence (\d+)", r["where"])
-        pairs.append((int(m.group(1)) if m else None, r["head"]))
+    """(sequence, head) pairs of the failing rows the verdict names."""
+    pairs = [(r["sequence"], r["head"]) for r in verdict.failing_rows]
     assert pairs, f"{what}: the verdict names no failing row:\n{verdict.report}"
     return pairs
 
 
-def _assert_caught(case, what):
-    v = _run(case)
+def _assert_caught(run, case, what):
+    v = run(case)
     assert v.status == "fail", f"{what} was not caught: {v.status} {v.reason}\n{v.report}"
     return v
 
 
-def _assert_clean(case):
-    v = _run(case)
+def _assert_clean(run, case):
+    v = run(case)
     assert v.status == "pass", f"unmodified TRITON_ATTN should pass {getattr(case, 'name', case)}:\n{v.report}{v.reason}"
 
 
@@ -75,10 +65,10 @@ def _skip_last_partial_block(*args, **kw):
     return _real_unified(*args, **{**kw, "seq_lens": trimmed})
 
 
-def test_a_skipped_last_partial_block_is_caught(monkeypatch):
-    _assert_clean(DECODE)
+def test_a_skipped_last_partial_block_is_caught(monkeypatch, run):
+    _assert_clean(run, DECODE)
     monkeypatch.setattr(ua, "unified_attention", _skip_last_partial_block)
-    v = _assert_caught(DECODE, "skipped last partial block")
+    v = _assert_caught(run, DECODE, "skipped last partial block")
     seqs = {s for s, _ in _failing(v, "partial block")}
     assert seqs <= {2, 3} and seqs, f"failing sequences {seqs}; only 2 and 3 end in a partial block"
 
@@ -91,10 +81,10 @@ def _window_off_by_one(*args, **kw):
     return _real_unified(*args, **{**kw, "sliding_window": kw["sliding_window"] + 1})
 
 
-def test_b_sliding_window_off_by_one_is_caught(monkeypatch):
-    _assert_clean(WINDOW)
+def test_b_sliding_window_off_by_one_is_caught(monkeypatch, run):
+    _assert_clean(run, WINDOW)
     monkeypatch.setattr(ua, "unified_attention", _window_off_by_one)
-    v = _assert_caught(WINDOW, "window off by one")
+    v = _assert_caught(run, WINDOW, "window off by one")
     seqs = {s for s, _ in _failing(v, "window")}
     # sequence 1 has 9 keys: only it and the 64/33-key rows can see key qpos - 7
     assert seqs and seqs <= {0, 1, 2}
@@ -108,10 +98,10 @@ def _fp8_scale_ignored(*args, **kw):
     return _real_unified(*args, **{**kw, "k_scale": 1.0, "v_scale": 1.0})
 
 
-def test_c_ignored_fp8_scale_is_caught(monkeypatch):
-    _assert_clean(FP8)
+def test_c_ignored_fp8_scale_is_caught(monkeypatch, run):
+    _assert_clean(run, FP8)
     monkeypatch.setattr(ua, "unified_attention", _fp8_scale_ignored)
-    _assert_caught(FP8, "fp8 scale ignored")
+    _assert_caught(run, FP8, "fp8 scale ignored")
 
 
 # (d) -----------------------------------------------------------------------------------------
@@ -124,10 +114,10 @@ def _wrong_kv_head(q, key_cache, value_cache, out, **kw):
     return _real_unified(q, key_cache[:, :, idx], value_cache[:, :, idx], out, **kw)
 
 
-def test_d_wrong_kv_head_for_a_gqa_group_is_caught(monkeypatch):
-    _assert_clean(GQA)
+def test_d_wrong_kv_head_for_a_gqa_group_is_caught(monkeypatch, run):
+    _assert_clean(run, GQA)
     monkeypatch.setattr(ua, "unified_attention", _wrong_kv_head)
-    v = _assert_caught(GQA, "wrong KV head")
+    v = _assert_caught(run, GQA, "wrong KV head")
     heads = {h for _, h in _failing(v, "GQA")}
     assert heads and heads <= {4, 5, 6, 7}, f"failing heads {heads}; only group 1 (heads 4..7) is wrong"
 
@@ -176,17 +166,17 @@ def _poisoned_workspace(numel, device):
     return torch.full((numel,), float("nan"), dtype=torch.float32, device=device)
 
 
-def test_e_segment_reduce_without_inf_guard_is_caught(monkeypatch):
+def test_e_segment_reduce_without_inf_guard_is_caught(monkeypatch, run, device):
     assert ua.use_split_kv(1, max(SPLIT.seq_lens), len(SPLIT.seq_lens), SPLIT.num_kv_heads,
-                           torch.device(DEVICE)), "the case must take the split-KV path"
+                           torch.device(device)), "the case must take the split-KV path"
     monkeypatch.setattr(ua, "workspace", _poisoned_workspace)  # unwritten scratch holds NaN
-    _assert_clean(SPLIT)
+    _assert_clean(run, SPLIT)
     monkeypatch.setattr(ua, "_reduce_segments_kernel", _reduce_without_guard)
-    v = _assert_caught(SPLIT, "segment reduce without the -inf guard")
+    v = _assert_caught(run, SPLIT, "segment reduce without the -inf guard")
     assert "nan" in v.report.lower(), v.report
 
 
-def test_backend_reports_the_kernels_it_ran():
-    v = _run(SPLIT)
+def test_backend_reports_the_kernels_it_ran(run):
+    v = run(SPLIT)
     assert v.status == "pass", v.report
-    assert any("3-D" in k for k in v.details["info"]["kernels"])
+    assert any("3-D" in k for k in v.info["kernels"])

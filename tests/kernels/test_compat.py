@@ -5,19 +5,14 @@ A tiny kernel per defect (Triton 3.9 interpreter, research/aiter-kernels.md sect
 needed; it skips (with the reason) on a Triton whose probe shows no such defect.
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton
+import triton.language as tl
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from impl.triton import compat  # noqa: E402
+from impl.triton import compat
 
 pytestmark = [
     pytest.mark.smoke,

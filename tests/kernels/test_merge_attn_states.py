@@ -1,25 +1,20 @@
 """impl.triton.merge_attn_states against reference.merge over every +-inf LSE pattern."""
 
 import itertools
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from impl.triton import merge_attn_states as mas  # noqa: E402
-from reference import merge as ref  # noqa: E402
+from impl.triton import merge_attn_states as mas
+from reference import merge as ref
 
 pytestmark = pytest.mark.smoke
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INF = float("inf")
 # one ULP-ish relative step of each output dtype (the kernel and the reference both round once)
 RTOL = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 1e-6}
 
 
-def _case(dtype, D, H=3, seed=0):
+def _case(device, dtype, D, H=3, seed=0):
     """Rows covering all 9 (prefix, suffix) combinations of {finite, +inf, -inf}, repeated."""
     g = torch.Generator().manual_seed(seed)
     kinds = list(itertools.product(["fin", "+inf", "-inf"], repeat=2))
@@ -36,13 +31,13 @@ def _case(dtype, D, H=3, seed=0):
     # An empty side's output is garbage (NaN): it must not leak through 0 * NaN.
     p_out[(p_lse.T.abs() == INF)] = float("nan")
     s_out[(s_lse.T.abs() == INF)] = float("nan")
-    return [x.to(DEV) for x in (p_out, p_lse, s_out, s_lse)]
+    return [x.to(device) for x in (p_out, p_lse, s_out, s_lse)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("D", [80, 64])
-def test_merge_matches_reference_for_every_inf_pattern(dtype, D):
-    p_out, p_lse, s_out, s_lse = _case(dtype, D)
+def test_merge_matches_reference_for_every_inf_pattern(dtype, D, device):
+    p_out, p_lse, s_out, s_lse = _case(device, dtype, D)
     out = torch.full_like(p_out, 7.0)
     out_lse = torch.full_like(p_lse, 7.0)
     mas.merge_attn_states(out, p_out, p_lse, s_out, s_lse, out_lse)
@@ -57,10 +52,10 @@ def test_merge_matches_reference_for_every_inf_pattern(dtype, D):
     assert (out.transpose(0, 1)[both_empty] == 0).all()
 
 
-def test_output_lse_is_optional_and_strided_output_works():
-    p_out, p_lse, s_out, s_lse = _case(torch.bfloat16, 80, seed=1)
+def test_output_lse_is_optional_and_strided_output_works(device):
+    p_out, p_lse, s_out, s_lse = _case(device, torch.bfloat16, 80, seed=1)
     T, H, D = p_out.shape
-    big = torch.zeros(T, H, 96, dtype=torch.bfloat16, device=DEV)
+    big = torch.zeros(T, H, 96, dtype=torch.bfloat16, device=device)
     out = big[:, :, :D]  # padded head stride, as vLLM allows
     mas.merge_attn_states(out, p_out, p_lse, s_out, s_lse)
     want, _ = ref.merge_attn_states(p_out.cpu(), p_lse.cpu(), s_out.cpu(), s_lse.cpu())
@@ -68,9 +63,9 @@ def test_output_lse_is_optional_and_strided_output_works():
     assert (big[:, :, D:] == 0).all()
 
 
-def test_bad_inputs_name_the_argument():
-    o = torch.zeros(4, 2, 8, device=DEV)
-    lse = torch.zeros(2, 4, device=DEV)
+def test_bad_inputs_name_the_argument(device):
+    o = torch.zeros(4, 2, 8, device=device)
+    lse = torch.zeros(2, 4, device=device)
     with pytest.raises(ValueError, match="suffix_output"):
         mas.merge_attn_states(o, o, lse, o[:3], lse)
     with pytest.raises(ValueError, match="prefix_lse"):

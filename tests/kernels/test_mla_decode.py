@@ -6,20 +6,14 @@ kv_lora_rank channels, so the oracle is reference.mha.attention with one kv head
 is 2 x the pt path's error (reference.lowp) + 2 rounding steps (4 x for fp8, DESIGN.md).
 Unused cache slots are NaN-poisoned: a kernel that reads them produces NaN and fails."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from impl.triton import mla_decode as md  # noqa: E402
-from reference import lowp, mha  # noqa: E402
-from reference import paged as rpaged  # noqa: E402
+from impl.triton import mla_decode as md
+from reference import lowp, mha
+from reference import paged as rpaged
 
 pytestmark = pytest.mark.smoke
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _round_step(ref, dtype):
@@ -50,8 +44,8 @@ def _setup(seed, kv_lens, n, L, R, bs, dtype, cache_dtype=None, kv_scale=1.0):
     return q, cache, table, torch.tensor(kv_lens, dtype=torch.int32), lat
 
 
-def _check(q, cache, table, kv_lens, lat, *, scale, L, kv_scale=1.0, k_mult=2, **kw):
-    out, lse = md.mla_decode(q.to(DEV), cache.to(DEV), table.to(DEV), kv_lens.to(DEV), scale=scale,
+def _check(device, q, cache, table, kv_lens, lat, *, scale, L, kv_scale=1.0, k_mult=2, **kw):
+    out, lse = md.mla_decode(q.to(device), cache.to(device), table.to(device), kv_lens.to(device), scale=scale,
                              kv_lora_rank=L, kv_scale=kv_scale, **kw)
     out, lse = out.cpu(), lse.cpu()
     assert out.shape == (q.shape[0], q.shape[1], L) and out.dtype == q.dtype and lse.shape == (q.shape[1], q.shape[0])
@@ -74,50 +68,50 @@ def _check(q, cache, table, kv_lens, lat, *, scale, L, kv_scale=1.0, k_mult=2, *
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_deepseek_dims_paged(dtype):
+def test_deepseek_dims_paged(dtype, device):
     # DeepSeek latent 512 + 64, 16 heads, block 16; kv lengths straddle blocks and tiles
     q, cache, table, kv_lens, lat = _setup(0, [1, 37, 16], 16, 512, 64, 16, dtype)
-    _check(q, cache, table, kv_lens, lat, scale=192 ** -0.5, L=512, num_splits=2)
+    _check(device, q, cache, table, kv_lens, lat, scale=192 ** -0.5, L=512, num_splits=2)
 
 
 @pytest.mark.parametrize("bs", [1, 16, 64])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_block_sizes_and_splits(bs, splits):
+def test_block_sizes_and_splits(bs, splits, device):
     q, cache, table, kv_lens, lat = _setup(1, [5, 70, 33], 8, 64, 16, bs, torch.bfloat16)
-    _check(q, cache, table, kv_lens, lat, scale=0.2, L=64, num_splits=splits)
+    _check(device, q, cache, table, kv_lens, lat, scale=0.2, L=64, num_splits=splits)
 
 
-def test_more_splits_than_tiles_and_empty_entry():
+def test_more_splits_than_tiles_and_empty_entry(device):
     # 8 splits of a 20-key entry leave empty splits (LSE -inf, weight 0); entry 1 has no keys
     q, cache, table, kv_lens, lat = _setup(2, [20, 0, 3], 20, 64, 16, 16, torch.float16)
-    _check(q, cache, table, kv_lens, lat, scale=0.3, L=64, num_splits=8)
+    _check(device, q, cache, table, kv_lens, lat, scale=0.3, L=64, num_splits=8)
 
 
-def test_split_count_does_not_change_result_beyond_rounding():
+def test_split_count_does_not_change_result_beyond_rounding(device):
     q, cache, table, kv_lens, lat = _setup(3, [90, 41], 16, 64, 16, 16, torch.bfloat16)
-    o1, l1, _ = _check(q, cache, table, kv_lens, lat, scale=0.2, L=64, num_splits=1)
-    o4, l4, _ = _check(q, cache, table, kv_lens, lat, scale=0.2, L=64, num_splits=4)
+    o1, l1, _ = _check(device, q, cache, table, kv_lens, lat, scale=0.2, L=64, num_splits=1)
+    o4, l4, _ = _check(device, q, cache, table, kv_lens, lat, scale=0.2, L=64, num_splits=4)
     assert torch.allclose(l1, l4, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
-def test_fp8_latent_cache_with_scale(fp8):
-    if fp8 == torch.float8_e4m3fnuz and DEV.type == "cuda":
+def test_fp8_latent_cache_with_scale(fp8, device):
+    if fp8 == torch.float8_e4m3fnuz and torch.device(device).type == "cuda":
         pytest.skip("CUDA Triton has no float8_e4m3fnuz (interpreter only)")
     q, cache, table, kv_lens, lat = _setup(4, [23, 64], 16, 512, 64, 16, torch.bfloat16, fp8, kv_scale=0.05)
-    _check(q, cache, table, kv_lens, lat, scale=192 ** -0.5, L=512, kv_scale=0.05, k_mult=4, num_splits=2)
+    _check(device, q, cache, table, kv_lens, lat, scale=192 ** -0.5, L=512, kv_scale=0.05, k_mult=4, num_splits=2)
     # the scale really is applied: a wrong kv_scale gives a different answer
-    out_bad, _ = md.mla_decode(q.to(DEV), cache.to(DEV), table.to(DEV), kv_lens.to(DEV), scale=192 ** -0.5,
+    out_bad, _ = md.mla_decode(q.to(device), cache.to(device), table.to(device), kv_lens.to(device), scale=192 ** -0.5,
                                kv_scale=1.0, num_splits=2)
-    out_ok, _ = md.mla_decode(q.to(DEV), cache.to(DEV), table.to(DEV), kv_lens.to(DEV), scale=192 ** -0.5,
+    out_ok, _ = md.mla_decode(q.to(device), cache.to(device), table.to(device), kv_lens.to(device), scale=192 ** -0.5,
                               kv_scale=0.05, num_splits=2)
     assert (out_bad.float() - out_ok.float()).abs().max() > 0.1
 
 
-def test_wrong_scale_is_detected_by_this_check():
+def test_wrong_scale_is_detected_by_this_check(device):
     # the budget has teeth: 1/sqrt(576) instead of the layer scale fails the row rule
     q, cache, table, kv_lens, lat = _setup(5, [40], 16, 512, 64, 16, torch.bfloat16)
-    out, _ = md.mla_decode(q.to(DEV), cache.to(DEV), table.to(DEV), kv_lens.to(DEV), scale=576 ** -0.5, num_splits=2)
+    out, _ = md.mla_decode(q.to(device), cache.to(device), table.to(device), kv_lens.to(device), scale=576 ** -0.5, num_splits=2)
     keys = lat[0].double()
     ref, _ = mha.attention(q[0:1].double(), keys[:, None], keys[:, None, :512], scale=192 ** -0.5, causal=False)
     pt, _ = lowp.attention_lowp(q[0:1], lat[0][:, None], lat[0][:, None, :512], scale=192 ** -0.5, causal=False)
@@ -138,11 +132,11 @@ def test_bad_inputs_name_the_argument():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
-def test_bench_rows_run_and_agree_small():
+def test_bench_rows_run_and_agree_small(device):
     # the `attncheck bench` MLA rows at toy size: both decode kernels see the same cache and agree
-    from impl.backends import mla_bench
+    from attncheck.bench import mla as mla_bench
 
-    rows = mla_bench.rows(DEV, batch=2, context=40, heads=16, num_splits=2)
+    rows = mla_bench.rows(device, batch=2, context=40, heads=16, num_splits=2)
     assert [r[0].split(",")[0] for r in rows] == [mla_bench.OWN_LABEL, mla_bench.AITER_LABEL]
     assert rows[0][2] == 2 * 40 * 576 * 2
     own, aiter = (fn().float().cpu() for _, fn, _ in rows)

@@ -7,20 +7,14 @@ shows the check has teeth. Partition sizes are small so sequences span many part
 sliding windows make whole partitions empty. Tolerances come from the dtype's epsilon.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from impl.triton import compat, paged_decode
+from reference.mha import paged_attention
+from tests.kernels.paged_inputs import make_paged
+from tests.mutants import mutant
 
-from impl.triton import compat, paged_decode  # noqa: E402
-from reference.mha import paged_attention  # noqa: E402
-from tests.kernels.paged_inputs import make_paged  # noqa: E402
-from tests.mutants import mutant  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 pytestmark = pytest.mark.smoke
 
@@ -30,10 +24,10 @@ def _compat():
     compat.install()
 
 
-def run_kernel(batch, knobs, kv, fn=None, **kw):
+def run_kernel(device, batch, knobs, kv, fn=None, **kw):
     fn = fn or paged_decode.paged_decode
-    dev = {k: v.to(DEVICE) for k, v in batch.items()}
-    kn = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in knobs.items()}
+    dev = {k: v.to(device) for k, v in batch.items()}
+    kn = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in knobs.items()}
     out, lse = fn(**dev, **kn, kv_cache_dtype=kv, **kw)
     return out.cpu(), lse.cpu()
 
@@ -55,9 +49,9 @@ def decode_rows(query_lens):
     return torch.tensor([s for s, q in zip(starts, query_lens) if q == 1], dtype=torch.long)
 
 
-def compare(batch, knobs, kv, query_lens, kernel_kw=None, ref_kw=None, fn=None):
+def compare(device, batch, knobs, kv, query_lens, kernel_kw=None, ref_kw=None, fn=None):
     kernel_kw, ref_kw = kernel_kw or {}, ref_kw or {}
-    out, lse = run_kernel(batch, knobs, kv, fn=fn, **kernel_kw, **ref_kw)
+    out, lse = run_kernel(device, batch, knobs, kv, fn=fn, **kernel_kw, **ref_kw)
     ref_out, ref_lse = expected(batch, knobs, **ref_kw)
     rows = decode_rows(query_lens)
     o, r = out[rows].double(), ref_out[rows]
@@ -73,9 +67,9 @@ def compare(batch, knobs, kv, query_lens, kernel_kw=None, ref_kw=None, fn=None):
     return err, tol
 
 
-def check(seq_lens, query_lens, kernel_kw=None, ref_kw=None, fn=None, **make_kw):
+def check(device, seq_lens, query_lens, kernel_kw=None, ref_kw=None, fn=None, **make_kw):
     batch, knobs, kv = make_paged(seq_lens, query_lens, **make_kw)
-    return compare(batch, knobs, kv, query_lens, kernel_kw, ref_kw, fn)
+    return compare(device, batch, knobs, kv, query_lens, kernel_kw, ref_kw, fn)
 
 
 # decodes with partial last blocks, lengths spanning 1..7 partitions of 16, plus an extend row
@@ -84,35 +78,35 @@ P16 = {"partition_size": 16, "block_n": 16}
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-def test_dtypes_many_partitions(dtype):
-    check(*MANY, kernel_kw=P16, dtype=dtype, hq=8, hkv=2)
+def test_dtypes_many_partitions(dtype, device):
+    check(device, *MANY, kernel_kw=P16, dtype=dtype, hq=8, hkv=2)
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 1), (24, 1)])  # MHA, MQA, a group > 16 rows
-def test_head_groups(heads):
-    check(*MANY, kernel_kw=P16, dtype="fp16", hq=heads[0], hkv=heads[1])
+def test_head_groups(heads, device):
+    check(device, *MANY, kernel_kw=P16, dtype="fp16", hq=heads[0], hkv=heads[1])
 
 
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 160, 192, 224, 256])  # ROCM_ATTN's declared sizes
-def test_head_sizes(d):
-    check([45, 9], [1, 1], kernel_kw={"partition_size": 32, "block_n": 16}, d=d, hq=2, hkv=1)
+def test_head_sizes(d, device):
+    check(device, [45, 9], [1, 1], kernel_kw={"partition_size": 32, "block_n": 16}, d=d, hq=2, hkv=1)
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 48])
-def test_block_sizes(block_size):
-    check([2 * block_size + 3, block_size - 1, 1], [1, 1, 1], kernel_kw=P16, block_size=block_size,
+def test_block_sizes(block_size, device):
+    check(device, [2 * block_size + 3, block_size - 1, 1], [1, 1, 1], kernel_kw=P16, block_size=block_size,
           hq=4, hkv=2)
 
 
 @pytest.mark.parametrize("window", [1, 7, 16, 40])
-def test_sliding_window_empty_partitions(window):
+def test_sliding_window_empty_partitions(window, device):
     # seq 100 with P = 16 and W <= 40: the first partitions hold no visible key (never written).
-    check(*MANY, kernel_kw=P16, ref_kw={"sliding_window": window}, dtype="fp32", hq=4, hkv=2)
+    check(device, *MANY, kernel_kw=P16, ref_kw={"sliding_window": window}, dtype="fp32", hq=4, hkv=2)
 
 
-def test_softcap_alibi_sinks():
-    check(*MANY, kernel_kw=P16, ref_kw={"softcap": 3.0}, alibi=True, sinks=True, dtype="fp32", hq=4, hkv=2)
-    check(*MANY, kernel_kw=P16, ref_kw={"softcap": 10.0, "sliding_window": 20}, sinks=True, dtype="bf16",
+def test_softcap_alibi_sinks(device):
+    check(device, *MANY, kernel_kw=P16, ref_kw={"softcap": 3.0}, alibi=True, sinks=True, dtype="fp32", hq=4, hkv=2)
+    check(device, *MANY, kernel_kw=P16, ref_kw={"softcap": 10.0, "sliding_window": 20}, sinks=True, dtype="bf16",
           hq=4, hkv=1)
 
 
@@ -121,47 +115,47 @@ FNUZ_NEEDS_INTERPRETER = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("kv", ["fp8_e4m3fn", pytest.param("fp8_e4m3fnuz", marks=FNUZ_NEEDS_INTERPRETER)])
-def test_fp8_kv(kv):
-    check(*MANY, kernel_kw=P16, kv=kv, k_scale=0.37, v_scale=1.7, dtype="bf16", hq=4, hkv=2)
+def test_fp8_kv(kv, device):
+    check(device, *MANY, kernel_kw=P16, kv=kv, k_scale=0.37, v_scale=1.7, dtype="bf16", hq=4, hkv=2)
 
 
-def test_default_partition_and_tile():
-    check([300, 5], [1, 1], hq=4, hkv=2)  # P = 256: two partitions for the first sequence
+def test_default_partition_and_tile(device):
+    check(device, [300, 5], [1, 1], hq=4, hkv=2)  # P = 256: two partitions for the first sequence
 
 
-def test_poisoned_slots_do_not_change_the_output():
+def test_poisoned_slots_do_not_change_the_output(device):
     """Same cache with unused slots 0 instead of NaN: bit-identical, finite output."""
     batch, knobs, kv = make_paged(*MANY, hq=4, hkv=2)
     clean = dict(batch, key_cache=torch.nan_to_num(batch["key_cache"].float()).to(batch["key_cache"].dtype),
                  value_cache=torch.nan_to_num(batch["value_cache"].float()).to(batch["value_cache"].dtype))
-    a, la = run_kernel(batch, knobs, kv, **P16)
-    b, lb = run_kernel(clean, knobs, kv, **P16)
+    a, la = run_kernel(device, batch, knobs, kv, **P16)
+    b, lb = run_kernel(device, clean, knobs, kv, **P16)
     assert torch.isfinite(a).all() and torch.equal(a, b) and torch.equal(la, lb)
 
 
-def test_planted_read_of_unused_slots_is_caught(tmp_path):
+def test_planted_read_of_unused_slots_is_caught(tmp_path, device):
     """Load the whole last cache block, masking only the scores (0 * NaN = NaN): must fail."""
     whole = "(kpos < tl.cdiv(seq_len, block_size) * block_size)"
     bad = mutant(paged_decode, [  # the tile loads use the whole-block mask; the scores keep k_ok
         ("bt_row, kpos, k_ok, block_size,", f"bt_row, kpos, {whole}, block_size,", 1),
     ], tmp_path)
     with pytest.raises(AssertionError, match="NaN"):
-        check(*MANY, kernel_kw=P16, fn=bad.paged_decode, hq=4, hkv=2)
+        check(device, *MANY, kernel_kw=P16, fn=bad.paged_decode, hq=4, hkv=2)
 
 
-def test_planted_partial_block_skip_is_caught(tmp_path):
+def test_planted_partial_block_skip_is_caught(tmp_path, device):
     bad = mutant(paged_decode, [("key_end = seq_len", "key_end = (seq_len // block_size) * block_size", 1)],
                  tmp_path)
     with pytest.raises(AssertionError):
-        check(*MANY, kernel_kw=P16, fn=bad.paged_decode, hq=4, hkv=2)
+        check(device, *MANY, kernel_kw=P16, fn=bad.paged_decode, hq=4, hkv=2)
 
 
-def test_planted_reduce_without_guard_is_caught(tmp_path):
+def test_planted_reduce_without_guard_is_caught(tmp_path, device):
     """The reduce reads partitions the sliding window emptied (stage 1 skipped them)."""
     src = mutant(paged_decode, [("valid = (parts >= first) & (parts < last)", "valid = parts < last", 2),
                                 ("start = (first // RED_BLOCK) * RED_BLOCK", "start = 0", 1)], tmp_path)
     with pytest.raises(AssertionError, match="NaN"):
-        check(*MANY, kernel_kw=P16, ref_kw={"sliding_window": 7}, fn=src.paged_decode, hq=4, hkv=2)
+        check(device, *MANY, kernel_kw=P16, ref_kw={"sliding_window": 7}, fn=src.paged_decode, hq=4, hkv=2)
 
 
 def test_bad_arguments_are_named():
@@ -178,10 +172,10 @@ def test_bad_arguments_are_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton)")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("d", [64, 80, 128, 256])
-def test_gpu_long_decodes(dtype, d):
+def test_gpu_long_decodes(dtype, d, device):
     lens = [1, 17, 2049, 8000, 513]
-    check(lens, [1] * 5, dtype=dtype, d=d, hq=16, hkv=2, ref_kw={"sliding_window": 1000}, alibi=True,
+    check(device, lens, [1] * 5, dtype=dtype, d=d, hq=16, hkv=2, ref_kw={"sliding_window": 1000}, alibi=True,
           sinks=True)
-    check(lens, [1] * 5, dtype=dtype, d=d, hq=8, hkv=8, ref_kw={"softcap": 30.0},
+    check(device, lens, [1] * 5, dtype=dtype, d=d, hq=8, hkv=8, ref_kw={"softcap": 30.0},
           kernel_kw={"partition_size": 512})
-    check(lens, [1] * 5, dtype=dtype, d=d, hq=8, hkv=1, kv="fp8_e4m3fn", k_scale=0.37, v_scale=1.7)
+    check(device, lens, [1] * 5, dtype=dtype, d=d, hq=8, hkv=1, kv="fp8_e4m3fn", k_scale=0.37, v_scale=1.7)

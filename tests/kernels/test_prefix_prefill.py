@@ -7,19 +7,13 @@ untouched (the decode kernel owns them). Tolerances come from the dtype's epsilo
 run: the kernel rounds P and the output to the model dtype, each at most eps/2 relative.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from impl.triton import compat, prefix_prefill
+from reference.mha import paged_attention
+from tests.kernels.paged_inputs import make_paged
 
-from impl.triton import compat, prefix_prefill  # noqa: E402
-from reference.mha import paged_attention  # noqa: E402
-from tests.kernels.paged_inputs import make_paged  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -27,9 +21,9 @@ def _compat():
     compat.install()
 
 
-def run_kernel(batch, knobs, kv, **kw):
-    dev = {k: v.to(DEVICE) for k, v in batch.items()}
-    kn = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in knobs.items()}
+def run_kernel(device, batch, knobs, kv, **kw):
+    dev = {k: v.to(device) for k, v in batch.items()}
+    kn = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in knobs.items()}
     out, lse = prefix_prefill.prefix_prefill(**dev, **kn, kv_cache_dtype=kv, **kw)
     return out.cpu(), lse.cpu()
 
@@ -55,10 +49,10 @@ def prefill_rows(query_lens):
     return torch.tensor(rows, dtype=torch.long)
 
 
-def check(seq_lens, query_lens, kernel_kw=None, ref_kw=None, **make_kw):
+def check(device, seq_lens, query_lens, kernel_kw=None, ref_kw=None, **make_kw):
     batch, knobs, kv = make_paged(seq_lens, query_lens, **make_kw)
     kernel_kw, ref_kw = kernel_kw or {}, ref_kw or {}
-    out, lse = run_kernel(batch, knobs, kv, **kernel_kw, **ref_kw)
+    out, lse = run_kernel(device, batch, knobs, kv, **kernel_kw, **ref_kw)
     ref_out, ref_lse = expected(batch, knobs, **ref_kw)
     rows = prefill_rows(query_lens)
     o, r = out[rows].double(), ref_out[rows]
@@ -84,29 +78,29 @@ BASIC = [  # (seq_lens, query_lens): decode rows first, then extends, then prefi
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-def test_dtypes_gqa(dtype):
-    check(*BASIC[0], dtype=dtype, hq=4, hkv=2)
+def test_dtypes_gqa(dtype, device):
+    check(device, *BASIC[0], dtype=dtype, hq=4, hkv=2)
 
 
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 160, 192, 224, 256])  # ROCM_ATTN's declared sizes
-def test_head_sizes(d):
-    check(*BASIC[1], d=d, hq=2, hkv=1)
+def test_head_sizes(d, device):
+    check(device, *BASIC[1], d=d, hq=2, hkv=1)
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 48])
-def test_block_sizes_partial_last_block(block_size):
+def test_block_sizes_partial_last_block(block_size, device):
     # 48 is not a power of two: tiles gather keys token by token through the block table.
-    check([1 + block_size * 2, 2 * block_size + 5], [2, 19], block_size=block_size, hq=2, hkv=2)
+    check(device, [1 + block_size * 2, 2 * block_size + 5], [2, 19], block_size=block_size, hq=2, hkv=2)
 
 
 @pytest.mark.parametrize("window", [1, 5, 16, 33])
-def test_sliding_window(window):
-    check([40, 22], [18, 22], ref_kw={"sliding_window": window}, hq=2, hkv=1, dtype="fp32")
+def test_sliding_window(window, device):
+    check(device, [40, 22], [18, 22], ref_kw={"sliding_window": window}, hq=2, hkv=1, dtype="fp32")
 
 
-def test_softcap_alibi_sinks():
-    check(*BASIC[0], ref_kw={"softcap": 2.0}, alibi=True, sinks=True, dtype="fp32", hq=4, hkv=1)
-    check(*BASIC[1], ref_kw={"softcap": 5.0}, dtype="bf16")
+def test_softcap_alibi_sinks(device):
+    check(device, *BASIC[0], ref_kw={"softcap": 2.0}, alibi=True, sinks=True, dtype="fp32", hq=4, hkv=1)
+    check(device, *BASIC[1], ref_kw={"softcap": 5.0}, dtype="bf16")
 
 
 FNUZ_NEEDS_INTERPRETER = pytest.mark.skipif(
@@ -114,33 +108,33 @@ FNUZ_NEEDS_INTERPRETER = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("kv", ["fp8_e4m3fn", pytest.param("fp8_e4m3fnuz", marks=FNUZ_NEEDS_INTERPRETER)])
-def test_fp8_kv(kv):
-    check(*BASIC[0], kv=kv, k_scale=0.37, v_scale=1.7, dtype="fp16")
+def test_fp8_kv(kv, device):
+    check(device, *BASIC[0], kv=kv, k_scale=0.37, v_scale=1.7, dtype="fp16")
 
 
-def test_non_causal():
-    check(*BASIC[1], ref_kw={"causal": False}, dtype="fp32")
+def test_non_causal(device):
+    check(device, *BASIC[1], ref_kw={"causal": False}, dtype="fp32")
 
 
-def test_tile_sizes_and_skip_decode_off():
+def test_tile_sizes_and_skip_decode_off(device):
     batch, knobs, kv = make_paged([9, 37], [1, 36], hq=2, hkv=1)
-    out, _ = run_kernel(batch, knobs, kv, skip_decode=False, block_m=32, block_n=16)
+    out, _ = run_kernel(device, batch, knobs, kv, skip_decode=False, block_m=32, block_n=16)
     ref, _ = expected(batch, knobs)
     assert (out.double() - ref).abs().max() <= tolerance(torch.float16, ref)
 
 
-def test_nan_poison_has_teeth():
+def test_nan_poison_has_teeth(device):
     """A key range that reaches past seq_len reads the NaN slots: the check must notice."""
     batch, knobs, kv = make_paged([20], [20], hq=2, hkv=1)
     longer = dict(batch, seq_lens=batch["seq_lens"] + 3)  # reads 3 unused (NaN) slots
-    out, _ = run_kernel(longer, knobs, kv)
+    out, _ = run_kernel(device, longer, knobs, kv)
     assert not torch.isfinite(out).all()
 
 
-def test_window_of_one_sees_only_itself():
+def test_window_of_one_sees_only_itself(device):
     """W = 1: each query sees only its own key, so the output is that key's value."""
     batch, knobs, kv = make_paged([8], [8], hq=2, hkv=1, dtype="fp32")
-    out, lse = run_kernel(batch, knobs, kv, sliding_window=1)
+    out, lse = run_kernel(device, batch, knobs, kv, sliding_window=1)
     ref_out, ref_lse = expected(batch, knobs, sliding_window=1)
     assert (out.double() - ref_out).abs().max() <= 1e-5
     assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
@@ -162,8 +156,8 @@ def test_bad_arguments_are_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton)")
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("d", [64, 80, 128, 256])
-def test_gpu_medium(dtype, d):
-    check([1, 700, 300, 129], [1, 64, 300, 129], dtype=dtype, d=d, hq=8, hkv=2,
+def test_gpu_medium(dtype, d, device):
+    check(device, [1, 700, 300, 129], [1, 64, 300, 129], dtype=dtype, d=d, hq=8, hkv=2,
           ref_kw={"sliding_window": 200}, alibi=True, sinks=True)
-    check([1500, 513], [97, 513], dtype=dtype, d=d, hq=8, hkv=8, ref_kw={"softcap": 30.0})
-    check([1, 900, 77], [1, 200, 77], dtype=dtype, d=d, hq=8, hkv=1, kv="fp8_e4m3fn", k_scale=0.37, v_scale=1.7)
+    check(device, [1500, 513], [97, 513], dtype=dtype, d=d, hq=8, hkv=8, ref_kw={"softcap": 30.0})
+    check(device, [1, 900, 77], [1, 200, 77], dtype=dtype, d=d, hq=8, hkv=1, kv="fp8_e4m3fn", k_scale=0.37, v_scale=1.7)

@@ -7,22 +7,16 @@ log, float32). Unused cache slots are NaN: a kernel that reads them fails.
 """
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from impl.triton import unified_attention as ua  # noqa: E402
-from reference import lowp, mha, paged  # noqa: E402
+from impl.triton import unified_attention as ua
+from reference import lowp, mha, paged
 
 pytestmark = pytest.mark.smoke
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_GPU = DEV.type == "cuda"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FP8 = {"fn": torch.float8_e4m3fn, "fnuz": torch.float8_e4m3fnuz}
 
@@ -78,12 +72,12 @@ def knobs(s: Spec, batch):
                 alibi_slopes=batch["alibi_slopes"], sinks=batch["sinks"], k_scale=s.k_scale, v_scale=s.v_scale)
 
 
-def run_kernel(s: Spec, batch, **kw):
-    d = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+def run_kernel(device, s: Spec, batch, **kw):
+    d = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     out = torch.full_like(d["q"], float("nan"))
-    lse = torch.full((s.hq, d["q"].shape[0]), float("nan"), device=DEV)
+    lse = torch.full((s.hq, d["q"].shape[0]), float("nan"), device=device)
     kn = knobs(s, batch)
-    kn = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kn.items()}
+    kn = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kn.items()}
     ua.unified_attention(d["q"], d["key_cache"], d["value_cache"], out, query_start_loc=d["query_start_loc"],
                          seq_lens=d["seq_lens"], block_table=d["block_table"], lse=lse, **kn, **kw)
     return out.cpu(), lse.cpu()
@@ -112,9 +106,9 @@ def check(s: Spec, batch, out, lse):
     assert (lse_err <= lse_budget).all(), f"LSE error {lse_err.max():.3g}"
 
 
-def case(s: Spec, **kw):
+def case(device, s: Spec, **kw):
     batch = build(s)
-    out, lse = run_kernel(s, batch, **kw)
+    out, lse = run_kernel(device, s, batch, **kw)
     check(s, batch, out, lse)
 
 
@@ -122,71 +116,71 @@ MIXED = dict(seq_lens=(37, 1, 40, 17), query_lens=(1, 1, 5, 17))  # decodes | ex
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-def test_mixed_batch(dtype):
-    case(Spec(**MIXED, dtype=dtype))
+def test_mixed_batch(dtype, device):
+    case(device, Spec(**MIXED, dtype=dtype))
 
 
 @pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
-def test_head_sizes(d):
-    case(Spec(seq_lens=(21, 19), query_lens=(1, 6), d=d, dtype="bf16", seed=d))
+def test_head_sizes(d, device):
+    case(device, Spec(seq_lens=(21, 19), query_lens=(1, 6), d=d, dtype="bf16", seed=d))
 
 
 @pytest.mark.parametrize("hq,hkv", [(8, 1), (4, 4), (6, 2)])
-def test_gqa_groups(hq, hkv):
-    case(Spec(**MIXED, hq=hq, hkv=hkv, seed=hq))
+def test_gqa_groups(hq, hkv, device):
+    case(device, Spec(**MIXED, hq=hq, hkv=hkv, seed=hq))
 
 
 @pytest.mark.parametrize("block_size", [32, 64, 48, 544])
-def test_block_sizes(block_size):
-    case(Spec(seq_lens=(70, 33, 12), query_lens=(1, 9, 12), block_size=block_size, dtype="bf16"))
+def test_block_sizes(block_size, device):
+    case(device, Spec(seq_lens=(70, 33, 12), query_lens=(1, 9, 12), block_size=block_size, dtype="bf16"))
 
 
 @pytest.mark.parametrize("knob", ["window", "window1", "softcap", "alibi", "sinks", "noncausal", "all"])
-def test_knobs(knob):
+def test_knobs(knob, device):
     kw = {"window": dict(window=7), "window1": dict(window=1), "softcap": dict(softcap=5.0),
           "alibi": dict(alibi=True), "sinks": dict(sinks=True), "noncausal": dict(causal=False),
           "all": dict(window=9, softcap=8.0, alibi=True, sinks=True)}[knob]
-    case(Spec(**MIXED, **kw, seed=3))
+    case(device, Spec(**MIXED, **kw, seed=3))
 
 
 @pytest.mark.parametrize("fp8", ["fn", "fnuz"])
-def test_fp8_kv(fp8):
-    if fp8 == "fnuz" and ON_GPU:
+def test_fp8_kv(fp8, device):
+    if fp8 == "fnuz" and torch.device(device).type == "cuda":
         pytest.skip("CUDA Triton has no float8_e4m3fnuz (interpreter only)")
-    case(Spec(**MIXED, dtype="bf16", fp8=fp8, k_scale=0.37, v_scale=0.0173 * 20))
+    case(device, Spec(**MIXED, dtype="bf16", fp8=fp8, k_scale=0.37, v_scale=0.0173 * 20))
 
 
 @pytest.mark.parametrize("knob", ["plain", "sinks", "window_softcap_alibi", "fp8"])
-def test_split_kv_decode(knob):
+def test_split_kv_decode(knob, device):
     kw = {"plain": {}, "sinks": dict(sinks=True), "window_softcap_alibi": dict(window=50, softcap=6.0, alibi=True),
           "fp8": dict(fp8="fn", k_scale=0.5, v_scale=0.25, dtype="bf16")}[knob]
     # seq 1: most segments of that row are empty; segments must combine without NaN
     s = Spec(seq_lens=(300, 1, 75), query_lens=(1, 1, 1), hq=8, hkv=2, **kw, seed=5)
-    case(s, split_kv=True, config=ua.TileConfig(block_m=16, block_n=16, num_segments=8))
+    case(device, s, split_kv=True, config=ua.TileConfig(block_m=16, block_n=16, num_segments=8))
 
 
-def test_split_kv_matches_2d_path():
+def test_split_kv_matches_2d_path(device):
     s = Spec(seq_lens=(130, 64), query_lens=(1, 1), dtype="fp32", seed=6)
     batch = build(s)
-    o2, l2 = run_kernel(s, batch, split_kv=False)
-    o3, l3 = run_kernel(s, batch, split_kv=True, config=ua.TileConfig(block_m=16, block_n=16, num_segments=4))
+    o2, l2 = run_kernel(device, s, batch, split_kv=False)
+    o3, l3 = run_kernel(device, s, batch, split_kv=True, config=ua.TileConfig(block_m=16, block_n=16, num_segments=4))
     torch.testing.assert_close(o3, o2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(l3, l2, rtol=1e-6, atol=1e-6)
 
 
-def test_tile_config_does_not_change_the_result_beyond_rounding():
+def test_tile_config_does_not_change_the_result_beyond_rounding(device):
     s = Spec(seq_lens=(90, 50), query_lens=(30, 50), dtype="fp32", seed=7, window=40)
     batch = build(s)
-    a, _ = run_kernel(s, batch, config=ua.TileConfig(block_m=16, block_n=16))
-    b, _ = run_kernel(s, batch, config=ua.TileConfig(block_m=64, block_n=64))
+    a, _ = run_kernel(device, s, batch, config=ua.TileConfig(block_m=16, block_n=16))
+    b, _ = run_kernel(device, s, batch, config=ua.TileConfig(block_m=64, block_n=64))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_split_decision():
-    assert not ua.use_split_kv(5, 4096, 1, 8, DEV)  # not all-decode
-    assert not ua.use_split_kv(1, 100, 1, 8, DEV)  # short context
-    assert ua.use_split_kv(1, 4096, 1, 2, DEV)  # one long decode on 2 KV heads: few programs
-    assert not ua.use_split_kv(1, 4096, 4096, 8, DEV)  # a large batch fills the GPU by itself
+def test_split_decision(device):
+    assert not ua.use_split_kv(5, 4096, 1, 8, device)  # not all-decode
+    assert not ua.use_split_kv(1, 100, 1, 8, device)  # short context
+    assert ua.use_split_kv(1, 4096, 1, 2, device)  # one long decode on 2 KV heads: few programs
+    assert not ua.use_split_kv(1, 4096, 4096, 8, device)  # a large batch fills the GPU by itself
 
 
 def test_bad_inputs_name_the_argument():
