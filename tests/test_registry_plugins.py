@@ -156,3 +156,41 @@ def test_pytest_option_backend_plugin_runs_the_plugin():
                         "-k", "prefill-h8x2-d64-bs16-bf16"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "1 failed" in r.stdout and "sequence" in r.stdout
+
+
+def test_a_new_builtin_backend_is_one_file(tmp_path, monkeypatch):
+    """A module in impl/backends that lists BACKENDS is registered, run, and benchmarked."""
+    import impl.backends
+
+    (tmp_path / "zz_new_backend.py").write_text(textwrap.dedent("""\
+        from tests.planted import PlantedBackend
+
+        class NewBackend(PlantedBackend):
+            def __init__(self):
+                super().__init__(None, name="NEW_BUILTIN")
+
+        BACKENDS = (NewBackend,)
+        """))
+    monkeypatch.setattr(impl.backends, "__path__", [*impl.backends.__path__, str(tmp_path)])
+    try:
+        backends.reload_entry_points()
+        assert "NEW_BUILTIN" in backends.builtin_names()
+        from attncheck.bench.rows import mha_backend_names
+        assert "NEW_BUILTIN" in mha_backend_names()
+        assert harness.run_backend("NEW_BUILTIN", "mixed-h8x2-d64-bs16-bf16").status == "pass"
+    finally:
+        monkeypatch.undo()
+        sys.modules.pop("impl.backends.zz_new_backend", None)
+        backends.reload_entry_points()
+    assert "NEW_BUILTIN" not in backends.names()
+
+
+def test_builtins_load_without_installed_entry_points(monkeypatch):
+    """A source tree on PYTHONPATH (the GPU machine) has no entry points: built-ins still load."""
+    monkeypatch.setattr(backends.importlib.metadata, "entry_points", lambda group: [])
+    try:
+        backends.reload_entry_points()
+        assert {"TRITON_ATTN", "ROCM_AITER_MLA", "TORCH_SDPA"} <= set(backends.builtin_names())
+    finally:
+        monkeypatch.undo()
+        backends.reload_entry_points()
