@@ -177,10 +177,10 @@ def test_tile_config_does_not_change_the_result_beyond_rounding(device):
 
 
 def test_split_decision(device):
-    assert not ua.use_split_kv(5, 4096, 1, 8, device)  # not all-decode
-    assert not ua.use_split_kv(1, 100, 1, 8, device)  # short context
-    assert ua.use_split_kv(1, 4096, 1, 2, device)  # one long decode on 2 KV heads: few programs
-    assert not ua.use_split_kv(1, 4096, 4096, 8, device)  # a large batch fills the GPU by itself
+    assert not ua.use_split_kv(5, 4096, 1, 8, torch.device(device))  # not all-decode
+    assert not ua.use_split_kv(1, 100, 1, 8, torch.device(device))  # short context
+    assert ua.use_split_kv(1, 4096, 1, 2, torch.device(device))  # one long decode on 2 KV heads: few programs
+    assert not ua.use_split_kv(1, 4096, 4096, 8, torch.device(device))  # a large batch fills the GPU by itself
 
 
 def test_bad_inputs_name_the_argument():
