@@ -44,7 +44,7 @@ def test_override_runs_many_chunks_with_empty_requests_per_chunk(device):
     case = MHACase("fa-chunk-many", seq_lens=(40, 9), query_lens=(5, 4), dtype="bf16", context_chunk_tokens=7)
     v = harness.run_backend("ROCM_AITER_FA", case, device=device)
     assert v.status == "pass", v.report
-    assert v.details["info"]["context_chunks"] == 5
+    assert v.info["context_chunks"] == 5
 
 
 def test_sliding_window_extend_path(device):
@@ -53,8 +53,8 @@ def test_sliding_window_extend_path(device):
                    sliding_window=8)
     v = harness.run_backend("ROCM_AITER_FA", case, device=device)
     assert v.status == "pass", v.report
-    assert "sliding window" in v.details["info"]["extend"]
-    assert v.details["info"]["decode"] == "aiter.ops.triton.unified_attention"
+    assert "sliding window" in v.info["extend"]
+    assert v.info["decode"] == "aiter.ops.triton.unified_attention"
 
 
 def test_sliding_window_gather_start_matters(monkeypatch, device):
@@ -76,7 +76,7 @@ def test_grouped_decodes_use_pa_decode(device):
     case = MHACase("fa-decodes", seq_lens=(17, 33, 5), query_lens=(1, 1, 1), dtype="bf16")
     v = harness.run_backend("ROCM_AITER_FA", case, device=device)
     assert v.status == "pass", v.report
-    assert v.details["info"]["decode"] == "aiter.ops.triton.pa_decode"
+    assert v.info["decode"] == "aiter.ops.triton.pa_decode"
 
 
 def test_unsupported_knobs_are_declared():
