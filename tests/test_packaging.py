@@ -44,6 +44,8 @@ def test_wheel_ships_packages_goldens_and_entry_points(tmp_path):
         eps = configparser.ConfigParser()
         eps.read_string(z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode())
     assert {f"attncheck/goldens/{e['path']}" for e in manifest["cases"].values()} <= names
+    stored = {str(p.relative_to(REPO / "golden")) for p in (REPO / "golden").rglob("*") if p.is_file()}
+    assert {f"attncheck/goldens/{p}" for p in stored if not p.endswith(".lock")} <= names  # models too
     assert {"attncheck/cli.py", "attncheck/pytest_plugin.py", "impl/backends/triton_attn.py",
             "reference/mha.py"} <= names
     assert not any(n.startswith("tests/") for n in names)
