@@ -42,11 +42,17 @@ def quantise(x: torch.Tensor, scale: float, cache_dtype: torch.dtype, fp8: bool)
     return (x.float() / scale).clamp(-fmax, fmax).to(cache_dtype)
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as their bytes: indexing kernels do not cover every fp8 dtype on every torch
+    build and device (pytorch#133605); byte copies do, and move the exact bits."""
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz) else t
+
+
 def write_slots(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
     """cache [num_blocks, block_size, ...]; slot s is offset s % block_size of block s // block_size."""
     bs = cache.shape[1]
     slots = slot_mapping.long()
-    cache[slots // bs, slots % bs] = values
+    _bytes(cache)[slots // bs, slots % bs] = _bytes(values)
 
 
 def gather(cache: torch.Tensor, block_table_row: torch.Tensor, start: int, end: int,
@@ -55,7 +61,7 @@ def gather(cache: torch.Tensor, block_table_row: torch.Tensor, start: int, end: 
     bs = cache.shape[1]
     pos = torch.arange(start, end, device=cache.device)
     blocks = block_table_row.long()[pos // bs]
-    x = cache[blocks, pos % bs].float()
+    x = _bytes(cache)[blocks, pos % bs].view(cache.dtype).float()
     return x * scale if fp8 else x
 
 
