@@ -41,6 +41,7 @@ from impl.vllm import loader, kernels
 what = sys.argv[1:]
 if "describe" in what:
     print("DESCRIBE", loader.load().describe())
+    print("CUSTOM_OPS", getattr(sys.modules.get("vllm._custom_ops"), "__file__", "stub"))
 if "env" in what:
     loader.load()
     print("ENV_OVERRIDE", "vllm.env_override" in sys.modules, os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"))
@@ -98,6 +99,7 @@ RUNS = [
     (["describe", "env", "jit", "write", "decode"], {}),
     (["describe", "platform", "decode"], GFX942),
     (["env"], _off("stub_package")),
+    (["describe"], {}),
     (["describe"], _off("regex_alias")),
     (["describe"], {"VLLM_LOGGING_LEVEL": "WARNING"}),
     (["describe"], _off("block_compiled_extensions", VLLM_LOGGING_LEVEL="WARNING")),
@@ -184,9 +186,10 @@ def test_loads_and_reports_version_arch_and_patches():
     r = _run(["describe", "env", "jit", "write", "decode"])
     assert r.returncode == 0, r.stderr
     assert f"vllm {SOURCE.version} ({SOURCE.origin}; interpreter, answering as sm_90" in r.stdout
+    applied, _, not_applied = r.stdout.partition("not applied")
     for name in loader.PATCHES:
-        if name != "no_custom_paged_attention":
-            assert name in r.stdout.split("not applied")[0]
+        # a patch is applied, or named as not needed here with the reason (e.g. regex installed)
+        assert name in applied or f"{name} (not needed: " in not_applied, name
     assert "no_custom_paged_attention (not needed: sm_90 is not a gfx arch" in r.stdout
     assert "KERNEL InterpretedFunction" in r.stdout and "WRITE True" in r.stdout and "DECODE True" in r.stdout
     assert "ENV_OVERRIDE False None" in r.stdout  # vllm/__init__ never ran
@@ -242,8 +245,17 @@ def test_without_kv_cache_dtype_handler_the_cache_write_fails():
 
 
 @slow_fresh
-def test_without_custom_ops_stub_nothing_imports():
-    _fails_with(_run(["describe"], **_off("custom_ops_stub")), "_custom_ops.py")
+def test_without_custom_ops_stub_the_real_custom_ops_module_is_imported():
+    """Without the stub vLLM's own _custom_ops module runs (it asks the platform to import the
+    compiled kernels and pulls in flashinfer helpers): where its third-party imports are missing
+    nothing imports; where they are present the real module is what the kernels see."""
+    on, off = _run(["describe"]), _run(["describe"], **_off("custom_ops_stub"))
+    assert on.returncode == 0, on.stderr
+    assert "CUSTOM_OPS stub" in on.stdout
+    if off.returncode != 0:
+        _fails_with(off, "_custom_ops.py")
+    else:
+        assert f"CUSTOM_OPS {Path(SOURCE.package_dir) / '_custom_ops.py'}" in off.stdout, off.stdout
 
 
 @slow_fresh
