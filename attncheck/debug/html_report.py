@@ -114,7 +114,7 @@ def failure_html(v: dict) -> str:
     status = v.get("status", "")
     parts = [f'<h3 class="{_esc(status)}">{_esc(status.upper())} {_esc(v.get("backend"))} :: {_esc(v.get("case"))}</h3>']
     if v.get("reason"):
-        parts.append(f"<p>{_esc(v['reason'])}</p>")
+        parts.append(f"<p class=meta>{_esc(v['reason'])}</p>")
     parts.append(rows_html(v.get("failing_rows") or _recorded_rows(v.get("bundle"))))
     path = v.get("bundle")
     if path:
