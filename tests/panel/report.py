@@ -1,13 +1,15 @@
-"""Each panel member's worst ratios per stored case, as a table (issue 9 asks for them).
+"""Each panel member's worst error / budget ratios, member x check and member x case (issue 9).
 
     python -m tests.panel.report [--device cpu|cuda] [--tier smoke full] [--member NAME ...]
                                  [--out FILE] [--json FILE]
 
 Every (member, case) pair runs through ``attncheck.harness.run_backend``, the same path the
-tests use; its status is the verdict's. Columns: ``row`` = worst per-row error / budget,
-``mean`` = mean error / mean budget, ``lse`` = worst LSE error / LSE budget (finite rows),
-``lse>1`` = LSE rows over budget (both from ``attncheck.rule.lse_row_ratios``), ``cache`` =
-the cache-write checks. A ratio above 1 fails.
+tests use; its status is the verdict's. The first table has one line per member: the worst
+output ratio (per-row error / budget, and mean error / mean budget), the worst LSE ratio
+(finite rows, from ``attncheck.rule.lse_row_ratios``) with the case where each occurs, the
+LSE rows over budget summed over cases, and the cache writes (bit-exact checks: the number of
+cases written wrongly). The second has one line per member x case. A ratio above 1 fails;
+the exit status is 1 when any pair fails. ``--json`` writes both as data.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from tabulate import tabulate
 
 from attncheck import golden, harness
+from attncheck.report import write_atomic
 from attncheck.cases import get_case
 from attncheck.rule import lse_row_ratios
 from tests.panel.members import MEMBERS
@@ -82,18 +85,39 @@ def format_table(rows: list) -> str:
     return tabulate(body, headers=head, tablefmt="simple", disable_numparse=True)
 
 
-def format_summary(rows: list) -> str:
-    """Per member: worst ratios over all its cases and the cases it fails."""
-    head = ("member", "cases", "failed", "worst row", "(case)", "worst mean", "worst lse", "(case)")
-    body = []
+def _worst(rows: list, attr: str):
+    """The row with the largest value of attr (None counts as the smallest), or None."""
+    with_value = [r for r in rows if getattr(r, attr) is not None]
+    return max(with_value, key=lambda r: getattr(r, attr)) if with_value else None
+
+
+def summarise(rows: list) -> list:
+    """One dict per member, member x check: worst output (per-row and mean), LSE and cache
+    results over all its cases, with the case where each worst occurs."""
+    out = []
     for name in dict.fromkeys(r.member for r in rows):
         mine = [r for r in rows if r.member == name]
-        worst_row = max(mine, key=lambda r: -1.0 if r.row_ratio is None else r.row_ratio)
-        with_lse = [r for r in mine if r.lse_ratio is not None]
-        worst_lse = max(with_lse, key=lambda r: r.lse_ratio) if with_lse else None
-        body.append((name, str(len(mine)), str(sum(r.status != "pass" for r in mine)), _fmt(worst_row.row_ratio),
-                     worst_row.case, _fmt(max((r.mean_ratio for r in mine if r.mean_ratio is not None), default=None)),
-                     _fmt(worst_lse.lse_ratio if worst_lse else None), worst_lse.case if worst_lse else "-"))
+        row, mean, lse = _worst(mine, "row_ratio"), _worst(mine, "mean_ratio"), _worst(mine, "lse_ratio")
+        out.append({
+            "member": name, "cases": len(mine), "failed": sum(r.status != "pass" for r in mine),
+            "output_row": row and row.row_ratio, "output_row_case": row and row.case,
+            "output_mean": mean and mean.mean_ratio, "output_mean_case": mean and mean.case,
+            "lse": lse and lse.lse_ratio, "lse_case": lse and lse.case,
+            "lse_rows_over": sum(r.lse_rows_over for r in mine),
+            "cache_wrong": [r.case for r in mine if not r.cache_ok],
+        })
+    return out
+
+
+def format_summary(rows: list) -> str:
+    """Per member x check: worst error / budget over all its cases (> 1 fails). Cache writes are
+    checked bit-exactly, so their column counts the cases with a wrong write."""
+    head = ("member", "cases", "failed", "output row", "(case)", "output mean", "lse", "(case)", "lse rows>1",
+            "cache")
+    body = [(s["member"], str(s["cases"]), str(s["failed"]), _fmt(s["output_row"]), s["output_row_case"] or "-",
+             _fmt(s["output_mean"]), _fmt(s["lse"]), s["lse_case"] or "-", str(s["lse_rows_over"]),
+             f"{len(s['cache_wrong'])} wrong" if s["cache_wrong"] else "exact")
+            for s in summarise(rows)]
     return tabulate(body, headers=head, tablefmt="simple", disable_numparse=True)
 
 
@@ -101,14 +125,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         print(f"{self.prog}: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-def _write(path: str, text: str) -> None:
-    """Whole file or nothing: write a temporary sibling, then rename it into place."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -140,9 +156,10 @@ def main(argv=None) -> int:
             + "\n\n" + format_table(rows) + "\n")
     print(text, end="")
     if args.out:
-        _write(args.out, text)
+        write_atomic(args.out, text.encode())
     if args.json:
-        _write(args.json, json.dumps([r.__dict__ for r in rows], indent=1))
+        write_atomic(args.json, json.dumps({"device": args.device, "tiers": args.tier, "summary": summarise(rows),
+                                      "rows": [r.__dict__ for r in rows]}, indent=1).encode())
     return 1 if any(r.status not in ("pass", "skip") for r in rows) else 0
 
 
