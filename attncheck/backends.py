@@ -84,7 +84,22 @@ def _checked(obj, source: str):
         raise PluginError(f"{source}: backend {type(obj).__name__} has name {obj.name!r}; expected a non-empty string")
     if obj.kind not in ("MHA", "MLA"):
         raise PluginError(f"{source}: backend {obj.name} has kind {obj.kind!r}, expected 'MHA' or 'MLA'")
+    _check_known_issues(obj, source)
     return obj
+
+
+def _check_known_issues(backend, source: str) -> None:
+    """A known issue names its own backend and only families the catalogue has."""
+    from attncheck.cases import Family
+
+    for known in getattr(backend, "known_issues", ()) or ():
+        if known.backend != backend.name:
+            raise PluginError(f"{source}: a known issue of backend {backend.name} names backend {known.backend!r}")
+        for fam in sorted(known.families or ()):
+            try:
+                Family.parse(fam)
+            except ValueError as e:
+                raise PluginError(f"{source}: known issue of backend {backend.name}: {e}") from None
 
 
 def register(backend, source: str = "register()") -> list:

@@ -121,15 +121,9 @@ def provenance() -> dict:
 
 
 def case_module(case):
-    if case.kind == "MHA":
-        from attncheck import mha_case as m
-    elif case.kind == "MERGE":
-        from attncheck import merge_case as m
-    elif case.kind == "MLA":
-        from attncheck import mla_case as m
-    else:
-        raise GoldenError(f"case {case.name}: unknown kind {case.kind!r}")
-    return m
+    """The generator of the case's kind (``build_golden``, ``build_live``, ``batch_from_tensors``,
+    ``rule_factors``, ``CACHE_FIELDS``): a property of the case kind, see attncheck.cases."""
+    return type(case).generator
 
 
 def generate(case) -> dict:

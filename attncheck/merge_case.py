@@ -12,7 +12,6 @@ import torch
 from attncheck.rule import rounding_step_rows
 from reference import merge as ref_merge
 
-KIND = "MERGE"
 CACHE_FIELDS = ()
 
 

@@ -20,7 +20,6 @@ from reference import lowp as ref_lowp
 from reference import mha as ref_mha
 from reference import paged as ref_paged
 
-KIND = "MHA"
 CACHE_FIELDS = (("key_cache", "expected.key_cache_slots"), ("value_cache", "expected.value_cache_slots"))
 SPARE_BLOCKS = 1  # an unused, NaN-filled block; block-table padding points at it
 

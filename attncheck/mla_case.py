@@ -29,79 +29,16 @@ same keys as one reading the cache (decode).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from attncheck.cases import DTYPES, TIERS, CaseRecord
 from attncheck.rule import locate_token, rounding_step_rows
 from impl.batch import FP8_DTYPES, MLABatch
 from reference import mla as ref_mla
 from reference import paged as ref_paged
 
-KIND = "MLA"
 CACHE_FIELDS = (("kv_cache", "expected.kv_cache_slots"),)
 SPARE_BLOCKS = 1  # an unused, NaN-filled block; block-table padding points at it
-DEEPSEEK_ROPE_FACTOR = 40.0  # DeepSeek-V3 rope_scaling factor (mscale_all_dim 1.0)
-
-
-@dataclass(frozen=True)
-class MLACase(CaseRecord):
-    name: str
-    seq_lens: tuple  # total keys per sequence (context + new)
-    query_lens: tuple  # new tokens per sequence
-    num_heads: int = 16  # per rank: DeepSeek-V3 has 128 (TP1), 16 (TP8), 8 (TP16)
-    kv_lora_rank: int = 512
-    rope_dim: int = 64
-    nope_dim: int = 128
-    v_dim: int = 128
-    block_size: int = 16
-    dtype: str = "bf16"
-    kv_cache_dtype: str = "auto"
-    kv_scale: float = 1.0
-    rope_factor: Optional[float] = DEEPSEEK_ROPE_FACTOR  # YaRN factor entering the scale (None: plain)
-    scale: Optional[float] = None  # explicit override of the layer scale
-    seed: int = 0
-    tier: str = "smoke"
-    family: str = ""
-    context_chunk_tokens: Optional[int] = None
-    unordered: bool = False
-    kind: str = field(default="MLA", init=False)
-
-    def __post_init__(self):
-        if len(self.seq_lens) != len(self.query_lens):
-            raise ValueError(f"case {self.name}: seq_lens and query_lens differ in length")
-        for s, q in zip(self.seq_lens, self.query_lens):
-            if q < 1 or s < q:
-                raise ValueError(f"case {self.name}: need 1 <= query_len <= seq_len, got q={q} s={s}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"case {self.name}: dtype must be one of {sorted(DTYPES)}")
-        if self.tier not in TIERS:
-            raise ValueError(f"case {self.name}: tier must be one of {TIERS}")
-        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in FP8_DTYPES:
-            raise ValueError(f"case {self.name}: kv_cache_dtype must be 'auto' or one of {sorted(FP8_DTYPES)}")
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.nope_dim + self.rope_dim
-
-    @property
-    def softmax_scale(self) -> float:
-        if self.scale is not None:
-            return self.scale
-        return ref_mla.softmax_scale(self.qk_head_dim, self.rope_factor)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.query_lens)
-
-    def params(self) -> dict:
-        d = super().params()
-        d["head_size"] = self.kv_lora_rank + self.rope_dim  # the latent cache entry (576)
-        d["causal"] = True
-        d["softmax_scale"] = self.softmax_scale
-        return d
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -263,61 +200,3 @@ def rule_factors(case) -> dict:
 def locate_row(case, tensors: dict, token: int) -> dict:
     """Sequence, position and the latent-cache blocks a query row sees (MLA is causal)."""
     return locate_token(tensors, token, case.block_size)
-
-
-# ---- catalogue ----------------------------------------------------------------------------------
-
-C = MLACase
-# "mini" latent dims keep the CPU-interpreter smoke tier and its goldens small while keeping
-# DeepSeek's structure (qk = nope + rope = 128 = v + rope, powers of two as AITER's mha needs).
-MINI = dict(kv_lora_rank=128, rope_dim=64, nope_dim=64, v_dim=64)
-KV8 = 0.75  # fp8 latents times 3/4 are exact in bf16/fp16 (at most 6 significant bits)
-
-MLA_CASES = [
-    # ---- smoke (CPU interpreter): DeepSeek-V3 dims at TP16 (8 heads per rank) ------------------
-    C("mla-mixed-h8-bs16-bf16", (20, 30, 12), (1, 5, 12), num_heads=8, family="mixed", seed=300),
-    C("mla-mixed-h8-mini-bs16-bf16-fp8e4m3fn", (40, 33, 10), (1, 6, 10), num_heads=8,
-      kv_cache_dtype="fp8_e4m3fn", kv_scale=KV8, family="fp8", seed=301, **MINI),
-    # ---- smoke: mini dims -------------------------------------------------------------------------
-    C("mla-decode-h16-mini-bs16-bf16", (1, 17, 40, 70), (1, 1, 1, 1), num_heads=16, family="decode",
-      seed=302, **MINI),
-    C("mla-prefill-h8-mini-bs16-fp16", (9, 20), (9, 20), num_heads=8, dtype="fp16", family="prefill",
-      seed=303, **MINI),
-    C("mla-mixed-h8-mini-bs64-bf16", (70, 65, 12), (1, 5, 12), num_heads=8, block_size=64,
-      family="block_size", seed=304, **MINI),
-    C("mla-mixed-h8-mini-bs1-bf16", (20, 30, 9), (1, 6, 9), num_heads=8, block_size=1,
-      family="block_size", seed=305, **MINI),
-    # a zero-context prefill next to a three-chunk extend: the context merge sees -inf on both sides
-    C("mla-extend-h8-mini-bs16-fp16-chunks3", (50, 41, 9), (6, 5, 9), num_heads=8, dtype="fp16",
-      context_chunk_tokens=16, family="chunked", seed=306, **MINI),
-    C("mla-specdecode-h16-mini-bs16-bf16-q4", (30, 45, 19), (4, 4, 4), num_heads=16,
-      family="spec_decode", seed=307, **MINI),
-    C("mla-mixed-h8-mini-bs16-fp16-fp8e4m3fnuz", (40, 33, 10), (1, 6, 10), num_heads=8, dtype="fp16",
-      kv_cache_dtype="fp8_e4m3fnuz", kv_scale=KV8, family="fp8", seed=308, **MINI),
-    C("mla-mixed-h8-mini-bs16-bf16-noyarn", (26, 12), (1, 12), num_heads=8, rope_factor=None,
-      family="scale", seed=309, **MINI),
-    C("mla-unordered-h8-mini-bs16-bf16", (20, 30, 25), (20, 1, 5), num_heads=8, unordered=True,
-      family="order", seed=310, **MINI),
-
-    # ---- full (GPU, stored): DeepSeek-V3 dims where the weights fit the 40 MB golden budget
-    # (2 MB of W_UK/W_UV per 8-head case), mini dims otherwise; the large tier is all DeepSeek dims
-    C("full-mla-mixed-h8-bs64-fp16", (257, 100, 32), (1, 1, 32), num_heads=8, block_size=64,
-      dtype="fp16", tier="full", family="mixed", seed=400),
-    C("full-mla-specdecode-h8-mini-bs16-bf16-q8", (150, 77, 200), (8, 8, 8), num_heads=8, tier="full", **MINI,
-      family="spec_decode", seed=401),
-    C("full-mla-extend-h8-bs16-bf16-fp8e4m3fn-chunks", (1, 500, 260), (1, 20, 12), num_heads=8,
-      kv_cache_dtype="fp8_e4m3fn", kv_scale=KV8, context_chunk_tokens=128, tier="full",
-      family="chunked", seed=402),
-    C("full-mla-decode-h8-mini-bs1-bf16", (257, 300, 33), (1, 1, 1), num_heads=8, block_size=1, tier="full", **MINI,
-      family="block_size", seed=403),
-
-    # ---- large (GPU, generated live from the seed; never stored) --------------------------------
-    C("large-mla-extend-h16-bs16-bf16-3616over20000", (23616,), (3616,), num_heads=16, tier="large",
-      family="extend", seed=1100),
-    C("large-mla-decode-h128-bs16-bf16-b16x4096", (4096,) * 16, (1,) * 16, num_heads=128, tier="large",
-      family="decode", seed=1101),
-    C("large-mla-mixed-h128-bs64-fp16", (2048, 1500, 600, 300), (1, 1, 64, 300), num_heads=128,
-      block_size=64, dtype="fp16", tier="large", family="mixed", seed=1102),
-    C("large-mla-decode-h16-bs16-bf16-b64x4096", (4096,) * 64, (1,) * 64, num_heads=16, tier="large",
-      family="decode", seed=1103),
-]

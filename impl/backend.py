@@ -14,7 +14,7 @@ model dtype, and the LSE ``[Hq, T]`` (float32, natural log) when its pipeline ha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, runtime_checkable
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -113,14 +113,69 @@ class BackendOutput:
 
 
 @dataclass(frozen=True)
-class KnownIssue:
-    """A per-case override with a reason (OpInfo style): the harness reports it as an
-    expected failure instead of hiding it. ``applies(params)`` decides which cases."""
+class CaseParams:
+    """The parameters of a case that a known issue may depend on, typed.
 
-    reason: str
-    issue: str
-    platform: str
-    applies: object  # Callable[[dict], bool]
+    attncheck builds one from each catalogue case (``case.typed_params()``); impl cannot import
+    the catalogue, so ``family`` is the family's string value (``attncheck.cases.Family``).
+    MLA cases have one KV "head" of the latent width and no window, softcap, ALiBi or sinks.
+    """
+
+    kind: str  # "MHA" | "MLA"
+    family: str
+    tier: str
+    dtype: str  # "bf16" | "fp16" | "fp32"
+    kv_cache_dtype: str  # "auto" | "fp8_e4m3fn" | "fp8_e4m3fnuz"
+    query_lens: tuple
+    seq_lens: tuple
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    causal: bool = True
+    sliding_window: Optional[int] = None
+    softcap: Optional[float] = None
+    alibi: bool = False
+    sinks: bool = False
+
+
+PLATFORMS = ("all", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class KnownIssue:
+    """A declared expected failure of one backend (OpInfo's skip/xfail with a reason).
+
+    It applies to a case when every given condition holds: the device type (``platform``),
+    the model dtype, the case family, and ``predicate`` (a typed function of the case's
+    parameters, for conditions the fields above cannot state). The harness reports a failing
+    case it applies to as an expected failure with the reason and link, and notes it when the
+    case passes; it never hides a pass or an error. ``families`` are the string values of
+    ``attncheck.cases.Family`` (impl cannot import attncheck); attncheck validates them when it
+    loads the backend.
+    """
+
+    backend: str  # the backend's name; checked against the backend that declares it
+    reason: str  # what goes wrong, with numbers
+    link: str  # the issue that tracks it
+    platform: str = "all"  # "all", "cpu" or "cuda" (the torch device type)
+    dtypes: Optional[frozenset] = None  # model dtypes ("bf16", "fp16", "fp32"); None = any
+    families: Optional[frozenset] = None  # case families; None = any
+    predicate: Optional[Callable[[CaseParams], bool]] = None  # None = every case
+
+    def __post_init__(self):
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"KnownIssue({self.backend}).platform: expected one of {PLATFORMS}, got {self.platform!r}")
+        for name in ("dtypes", "families"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, frozenset(str(v) for v in value))
+
+    def applies(self, params: CaseParams, device_type: str) -> bool:
+        return (self.platform in ("all", device_type)
+                and (self.dtypes is None or params.dtype in self.dtypes)
+                and (self.families is None or params.family in self.families)
+                and (self.predicate is None or bool(self.predicate(params))))
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ CORRECT_CASES = [
     "mixed-h8x2-d64-bs16-bf16-fp8e4m3fn",
     "mixed-h8x2-d64-bs16-fp16-fp8e4m3fnuz",
     "mixed-h8x1-d64-bs544-bf16",
-    "mixed-h8x1-d64-bs16-fp16-noncausal",
+    "prefill-h8x1-d64-bs16-fp16-noncausal",
 ]
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities
+from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities, CaseParams
 from impl.batch import AttentionBatch, MLABatch
 from reference.mha import paged_attention
 from reference.paged import write_kv
@@ -117,17 +117,18 @@ class PagedAttention:
     def note_known_issues(self, meta: StepMeta, dtype: torch.dtype) -> None:
         """Record the backend's declared KnownIssues that apply to this step's batch (the harness's
         case parameters, from the batch): a spot-check failure they explain is an expected one."""
-        issues = [k for k in getattr(self.backend, "known_issues", ()) or () if k.platform in ("all", self.device_type)]
+        issues = [k for k in getattr(self.backend, "known_issues", ()) or () if k.backend == self.backend.name]
         if not issues:
             return
         qsl = meta.query_start_loc.tolist()
-        params = {"block_size": self.block_size, "seq_lens": meta.seq_lens.tolist(),
-                  "query_lens": [b - a for a, b in zip(qsl, qsl[1:])], "num_heads": self.cfg.num_heads,
-                  "num_kv_heads": self.cfg.num_kv_heads, "head_size": self.cfg.head_dim, "causal": True,
-                  "sliding_window": None, "kv_cache_dtype": "auto",
-                  "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)}
+        params = CaseParams(kind="MHA", family="adhoc", tier="spot",
+                            dtype={torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype),
+                            kv_cache_dtype="auto", query_lens=tuple(b - a for a, b in zip(qsl, qsl[1:])),
+                            seq_lens=tuple(meta.seq_lens.tolist()), num_heads=self.cfg.num_heads,
+                            num_kv_heads=self.cfg.num_kv_heads, head_size=self.cfg.head_dim,
+                            block_size=self.block_size)
         for k in issues:
-            if k.applies(params):
+            if k.applies(params, self.device_type):
                 self.known_issues_seen[k] = self.known_issues_seen.get(k, 0) + 1
 
     def __call__(self, layer: int, q, k, v, meta: StepMeta, validate: bool) -> torch.Tensor:

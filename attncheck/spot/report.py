@@ -130,7 +130,7 @@ def compare(ref: Run, run: Run, items: list, task) -> dict:
                verdict="FAIL" if reasons else "PASS", why=reasons)
     if reasons and run.known_issues:
         out["verdict"] = "XFAIL"
-        out["known_issues"] = [f"known issue [{run.backend}, {k.platform}]: {k.reason} ({k.issue}); "
+        out["known_issues"] = [f"known issue [{run.backend}, {k.platform}]: {k.reason} ({k.link}); "
                                f"applied to {n} engine steps" for k, n in run.known_issues.items()]
     if flips:
         i = flips[0]

@@ -47,7 +47,7 @@ import torch
 
 from impl import platform
 from impl.aiter import rocm_ops, support, triton_kernels
-from impl.backend import BackendOutput, BlockSizes, Capabilities, KnownIssue
+from impl.backend import BackendOutput, BlockSizes, Capabilities, CaseParams, KnownIssue
 from impl.batch import BatchError, check_vllm_order
 from impl.backends.rocm_aiter_unified_attn import POW2_BLOCK_SIZES, TILE_MASK_ISSUE
 from impl.triton import cache_ops
@@ -137,14 +137,13 @@ def windowed_varlen_attention(q, k, v, *, cu_q, cu_k, max_q, max_k, scale, slidi
 
 # ---- known issue inherited from AITER's unified_attention ---------------------------------------
 
-def _decode_reads_poisoned_tail(params: dict) -> bool:
+def _decode_reads_poisoned_tail(params: CaseParams) -> bool:
     """Windowed or ungrouped-MHA decode rows go through unified_attention's all-decode launch
     (TILE_SIZE == block_size, tile mask dropped): a decode whose last block is partly unwritten
     reads it."""
-    if not params.get("sliding_window") and params.get("num_heads") != params.get("num_kv_heads"):
+    if not params.sliding_window and params.num_heads != params.num_kv_heads:
         return False
-    bs = params.get("block_size", 16)
-    return any(q == 1 and s % bs for q, s in zip(params.get("query_lens", ()), params.get("seq_lens", ())))
+    return any(q == 1 and s % params.block_size for q, s in zip(params.query_lens, params.seq_lens))
 
 
 class AiterFABackend:
@@ -153,9 +152,10 @@ class AiterFABackend:
 
     known_issues = (
         KnownIssue(
+            backend="ROCM_AITER_FA",
             reason="off ROCm, windowed or ungrouped-MHA decode rows run unified_attention's all-decode launch: " + TILE_MASK_ISSUE,
-            issue="attncheck#5 (AITER unified_attention tile mask)", platform="all",
-            applies=_decode_reads_poisoned_tail),
+            link="attncheck#5 (AITER unified_attention tile mask)", platform="all",
+            predicate=_decode_reads_poisoned_tail),
     )
 
     @property

@@ -21,7 +21,7 @@ import torch
 
 from impl import platform
 from impl.aiter import loader, support, triton_kernels
-from impl.backend import BackendOutput, BlockSizes, Capabilities, KnownIssue
+from impl.backend import BackendOutput, BlockSizes, Capabilities, CaseParams, KnownIssue
 from impl.triton import cache_ops
 
 POW2_BLOCK_SIZES = frozenset({16, 32, 64, 128, 256})
@@ -34,27 +34,26 @@ def _num_sms() -> int:
         return 1
 
 
-def tile_is_block(params: dict, num_sms: int) -> bool:
+def tile_is_block(params: CaseParams, num_sms: int) -> bool:
     """Does AITER 0.1.7's launch use TILE_SIZE == block_size (where the kernel drops its tile
     mask)? Mirrors unified_attention's launch choice: the 2-D kernel tiles by block_size for an
     all-decode batch (else by 64); the split-KV 3-D kernel always tiles by block_size."""
-    bs = params.get("block_size", 16)
-    qlens, slens = list(params.get("query_lens", ())), list(params.get("seq_lens", ()))
+    bs = params.block_size
+    qlens, slens = list(params.query_lens), list(params.seq_lens)
     if not qlens:
         return False
-    hq, hkv = params.get("num_heads", 8), params.get("num_kv_heads", 8)
+    hq, hkv = params.num_heads, params.num_kv_heads
     qpk = max(1, hq // hkv)
     block_m = 16 if qpk <= 16 else 1 << (qpk - 1).bit_length()
     num_2d = (sum(qlens) // max(1, block_m // qpk) + len(qlens)) * hkv
-    use_2d = bool(params.get("sliding_window")) or max(slens) <= 512 or num_2d > 4 * num_sms
+    use_2d = bool(params.sliding_window) or max(slens) <= 512 or num_2d > 4 * num_sms
     tile = (bs if max(qlens) == 1 else 64) if use_2d else bs
     return tile == bs
 
 
-def reads_poisoned_tail(params: dict, num_sms: Optional[int] = None) -> bool:
+def reads_poisoned_tail(params: CaseParams, num_sms: Optional[int] = None) -> bool:
     """TILE_SIZE == block_size and some sequence's last KV block is only partly written."""
-    bs = params.get("block_size", 16)
-    partial = any(s % bs for s in params.get("seq_lens", ()))
+    partial = any(s % params.block_size for s in params.seq_lens)
     return partial and tile_is_block(params, _num_sms() if num_sms is None else num_sms)
 
 
@@ -73,8 +72,9 @@ class AiterUnifiedAttnBackend:
     name = "ROCM_AITER_UNIFIED_ATTN"
     kind = "MHA"
     known_issues = (
-        KnownIssue(reason=TILE_MASK_ISSUE, issue="attncheck#5 (AITER unified_attention tile mask)",
-                   platform="all", applies=reads_poisoned_tail),
+        KnownIssue(backend="ROCM_AITER_UNIFIED_ATTN", reason=TILE_MASK_ISSUE,
+                   link="attncheck#5 (AITER unified_attention tile mask)", platform="all",
+                   predicate=reads_poisoned_tail),
     )
 
     @property

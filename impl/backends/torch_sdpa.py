@@ -39,11 +39,11 @@ class TorchSDPABackend:
 
     known_issues = (
         KnownIssue(
+            backend="TORCH_SDPA",
             reason="torch's fused float32 SDPA on CUDA (memory-efficient kernel) is not correctly rounded: "
                    "on an H200 a row with one visible key came out 2 ulp off V (per-row ratio 2.0, mean 1.22); "
                    "the same case passes on the CPU kernels at 0.91",
-            issue="attncheck#2 (torch SDPA fp32 on CUDA)", platform="cuda",
-            applies=lambda p: p.get("dtype") == "fp32"),
+            link="attncheck#2 (torch SDPA fp32 on CUDA)", platform="cuda", dtypes=frozenset({"fp32"})),
     )
 
     def availability(self, device: torch.device) -> Availability:

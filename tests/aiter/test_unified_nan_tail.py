@@ -27,9 +27,9 @@ def test_nan_tail_is_read_by_the_all_decode_launch():
 
 
 def test_known_issue_scope():
-    p = DECODE.params()
+    p = DECODE.typed_params()
     assert tile_is_block(p, num_sms=132) and reads_poisoned_tail(p, num_sms=132)
-    aligned = MHACase("a", seq_lens=(16, 32), query_lens=(1, 1)).params()
+    aligned = MHACase("a", seq_lens=(16, 32), query_lens=(1, 1)).typed_params()
     assert not reads_poisoned_tail(aligned, num_sms=132)  # no partly written block
-    mixed = MHACase("m", seq_lens=(17, 40), query_lens=(1, 9)).params()
+    mixed = MHACase("m", seq_lens=(17, 40), query_lens=(1, 9)).typed_params()
     assert not tile_is_block(mixed, num_sms=132)  # 2-D launch tiles by 64 and masks

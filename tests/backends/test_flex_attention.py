@@ -29,7 +29,7 @@ def _sequences(verdict) -> set:
 @pytest.mark.smoke
 @pytest.mark.parametrize("case_id", [
     "mixed-h8x2-d64-bs16-bf16-sinks", "mixed-h8x2-d64-bs16-bf16-softcap50", "mixed-h8x2-d64-bs16-bf16-window24",
-    "mixed-h8x2-d64-bs16-fp16-alibi", "mixed-h8x1-d64-bs16-fp16-noncausal", "mixed-h8x1-d64-bs544-bf16",
+    "mixed-h8x2-d64-bs16-fp16-alibi", "prefill-h8x1-d64-bs16-fp16-noncausal", "mixed-h8x1-d64-bs544-bf16",
     "mixed-h5x1-d80-bs16-bf16", "mixed-h8x8-d64-bs16-fp32", "decode-h8x2-d128-bs16-fp16-window7",
 ])
 def test_catalogue_cases_pass(case_id, device):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from attncheck import golden, harness
-from attncheck.mla_case import MINI, MLACase
+from attncheck.cases import MLA_MINI_DIMS, MLACase
 from impl.aiter import loader
 from impl.backends import rocm_aiter_mla, triton_mla
 from impl.batch import BatchError
@@ -86,7 +86,7 @@ def test_triton_mla_declares_block_size_16_minimum():
 
 
 def test_unordered_batch_is_rejected_with_batch_error(device):
-    case = MLACase("pipe-unordered", (9, 20), (9, 1), num_heads=8, unordered=True, seed=600, **MINI)
+    case = MLACase("pipe-unordered", (9, 20), (9, 1), num_heads=8, unordered=True, seed=600, **MLA_MINI_DIMS)
     batch = golden.case_module(case).batch_from_tensors(case, golden.generate(case), device)
     for be in (triton_mla.TritonMLABackend(), rocm_aiter_mla.AiterMLABackend()):
         with pytest.raises(BatchError, match="batch order"):
@@ -96,10 +96,10 @@ def test_unordered_batch_is_rejected_with_batch_error(device):
 CASES = [
     # fp16, two decodes + an extend whose context needs 3 chunks + a no-context prefill
     MLACase("pipe-chunks-h8-mini-bs16-fp16", (40, 3, 45, 7), (1, 1, 6, 7), num_heads=8, dtype="fp16",
-            context_chunk_tokens=16, seed=601, **MINI),
+            context_chunk_tokens=16, seed=601, **MLA_MINI_DIMS),
     # spec decode q_len 3 with an explicit (non-YaRN) scale; block size 32
     MLACase("pipe-spec-h16-mini-bs32-bf16", (40, 70), (3, 3), num_heads=16, block_size=32, scale=0.21,
-            seed=602, **MINI),
+            seed=602, **MLA_MINI_DIMS),
 ]
 
 

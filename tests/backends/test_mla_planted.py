@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attncheck import golden, harness
-from attncheck.mla_case import MINI, MLACase
+from attncheck.cases import MLA_MINI_DIMS, MLACase
 from impl.backends import rocm_aiter_mla, triton_mla
 
 # AITER's Triton MLA decode evaluates exp(-inf - -inf) for the padding heads of its 16-head tile
@@ -23,7 +23,7 @@ BACKENDS = ["TRITON_MLA", "ROCM_AITER_MLA"]
 
 # decode rows (0, 1, 2) then an extend (3) and a prefill (4); mini latent dims keep the interpreter fast
 MIXED = MLACase("planted-mixed-h8-mini-bs16-bf16", (5, 40, 17, 30, 12), (1, 1, 1, 6, 12), num_heads=8,
-                seed=500, **MINI)
+                seed=500, **MLA_MINI_DIMS)
 # DeepSeek-V3 dims (qk 192, latent 576) for the scale bug: 1/sqrt(576) is the wrong-scale value
 SCALE = MLACase("planted-prefill-h8-bs16-bf16", (20, 9), (6, 9), num_heads=8, seed=501)
 
@@ -140,7 +140,7 @@ def test_aiter_page_size_one_expansion_bug_fails(monkeypatch, run):
 # fp8 latent cache with kv_scale 3/4; a zero-context prefill beside an extend whose context takes
 # three chunks (the context merge then meets -inf LSEs on both sides for the prefill's rows)
 FP8_CHUNKS = MLACase("planted-chunks-h8-mini-bs16-bf16-fp8e4m3fn", (3, 45, 7), (1, 6, 7), num_heads=8,
-                     kv_cache_dtype="fp8_e4m3fn", kv_scale=0.75, context_chunk_tokens=16, seed=502, **MINI)
+                     kv_cache_dtype="fp8_e4m3fn", kv_scale=0.75, context_chunk_tokens=16, seed=502, **MLA_MINI_DIMS)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

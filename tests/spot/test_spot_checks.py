@@ -124,7 +124,7 @@ def test_declared_known_issue_makes_an_expected_failure(spot_runs, applies):
     from tests.spot.planted_backends import PlantedSpotBackend
 
     backend = PlantedSpotBackend("wrong_gqa")
-    backend.known_issues = (KnownIssue(reason="planted", issue="none", platform="all",
-                                       applies=lambda p: applies and p["num_kv_heads"] == 2),)
+    backend.known_issues = (KnownIssue(backend=backend.name, reason="planted", link="none",
+                                       predicate=lambda p: applies and p.num_kv_heads == 2),)
     result = check(spot_runs, "retrieval", backend)
     assert result["verdict"] == ("XFAIL" if applies else "FAIL"), result
