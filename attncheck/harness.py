@@ -209,7 +209,7 @@ def _apply_known_issues(backend, case, dev, v: Verdict) -> Verdict:
     """A declared override (backend, platform, reason, issue) turns a failure into an expected
     failure, reported as such; it never hides a pass or an error."""
     for known in getattr(backend, "known_issues", ()) or ():
-        if known.applies(case.typed_params(), dev.type):
+        if known.backend == backend.name and known.applies(case.typed_params(), dev.type):
             note = f"known issue [{backend.name}, {known.platform}]: {known.reason} ({known.link})"
             if v.status == "fail":
                 v.status = "xfail"

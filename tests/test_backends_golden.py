@@ -161,7 +161,7 @@ def test_backend_writing_its_inputs_is_reported_and_harms_no_one(field_name):
 
 def test_known_issue_turns_a_failure_into_an_expected_failure_only():
     class Known(PlantedBackend):
-        known_issues = (KnownIssue(reason="planted", issue="none", platform="all", applies=lambda p: True),)
+        known_issues = tuple(KnownIssue(backend=name, reason="planted", link="none") for name in ("KNOWN_BAD", "KNOWN_GOOD"))
     assert harness.run_backend(Known("scale_1.01", name="KNOWN_BAD"), MIXED).status == "xfail"
     good = harness.run_backend(Known(None, name="KNOWN_GOOD"), MIXED)
     assert good.status == "pass" and "did not reproduce" in good.report

@@ -92,7 +92,7 @@ BROKEN = {
                "BACKEND = Boom()\n",
     "known.py": "from impl.backend import KnownIssue\nfrom impl.backends.torch_sdpa import TorchSDPABackend\n"
                 "class Known(TorchSDPABackend):\n    name = 'KNOWN_BAD'\n"
-                "    known_issues = (KnownIssue('planted: output off by 5%', 'none', 'all', lambda p: True),)\n"
+                "    known_issues = (KnownIssue(backend='KNOWN_BAD', reason='planted: output off by 5%', link='none'),)\n"
                 "    def run(self, batch):\n        out = super().run(batch)\n"
                 "        out.output.mul_(1.05)\n        return out\n"
                 "BACKEND = Known()\n",
