@@ -173,11 +173,11 @@ def run_backend(backend, case, device="cpu", tensors: Optional[dict] = None,
         try:
             backend = get_backend(backend)
         except PluginError as e:  # registered, but its code does not load: an error of that backend
-            return Verdict(backend=backend, case=case.name, status="error", kind=case.kind, family=case.family,
+            return Verdict(backend=backend, case=case.name, status="error", kind=case.kind, family=str(case.family),
                            tier=case.tier, device=str(device), reason=f"backend {backend} could not be loaded: {e}",
                            report=str(e))
     v = Verdict(backend=backend.name, case=case.name, status="skip", provider=provider_of(backend),
-                kind=case.kind, family=case.family, tier=case.tier, device=str(device))
+                kind=case.kind, family=str(case.family), tier=case.tier, device=str(device))
     try:
         dev = runtime.torch_device(device)
         if case.kind != backend.kind:
