@@ -19,7 +19,7 @@ def pytest_addoption(parser):
                 help="short for --attncheck-device")
     g.addoption("--tier", dest="attncheck_tier", choices=("smoke", "full", "large"), help="short for --attncheck-tier")
     g.addoption("--backend", dest="attncheck_backend", nargs="+", metavar="NAME", help="short for --attncheck-backend")
-    g.addoption("--backend-plugin", dest="attncheck_backend_plugin", action="append", metavar="MODULE:ATTR",
+    g.addoption("--backend-plugin", dest="attncheck_backend_plugin", action="append", default=[], metavar="MODULE:ATTR",
                 help="short for --attncheck-backend-plugin")
 
 

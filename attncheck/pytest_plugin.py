@@ -100,7 +100,7 @@ def setup_run(config, suite: bool = False):
     opt = config.option
     try:
         settings = runtime.resolve(opt.attncheck_device, opt.attncheck_tier, opt.attncheck_provider)
-        for spec in opt.attncheck_backend_plugin:
+        for spec in opt.attncheck_backend_plugin or ():
             backends.load_plugin(spec)
         for name in opt.attncheck_backend or ():
             backends.check_name(name)

@@ -63,7 +63,8 @@ class PlantedBackend:
     def run(self, batch) -> BackendOutput:
         self._write(batch)
         out = torch.empty_like(batch.query)
-        lse_all = torch.empty(batch.num_heads, batch.query.shape[0], dtype=torch.float32)
+        dev = batch.query.device  # the masks and indices live beside the batch (CPU or GPU)
+        lse_all = torch.empty(batch.num_heads, batch.query.shape[0], dtype=torch.float32, device=dev)
         qsl = batch.query_start_loc.tolist()
         group = batch.num_heads // batch.num_kv_heads
         scale = batch.scale * (1.01 if self.bug == "scale_1.01" else 1.0)
@@ -72,7 +73,7 @@ class PlantedBackend:
             extra = self.bug == "read_poisoned_slot"
             k = self._gather(batch.key_cache, batch, b, seq_len, batch.k_scale, extra)
             v = self._gather(batch.value_cache, batch, b, seq_len, batch.v_scale, extra)
-            kv_head = torch.arange(batch.num_heads) // group
+            kv_head = torch.arange(batch.num_heads, device=dev) // group
             if self.bug == "wrong_gqa_group":
                 kv_head[0] = batch.num_kv_heads - 1 if batch.num_kv_heads > 1 else 0
             kh, vh = k[:, kv_head], v[:, kv_head]  # [S, Hq, D]
@@ -80,11 +81,11 @@ class PlantedBackend:
             if batch.softcap:
                 s = batch.softcap * torch.tanh(s / batch.softcap)
             q_len = q.shape[0]
-            qpos = torch.arange(seq_len - q_len, seq_len)[:, None]
-            kpos = torch.arange(kh.shape[0])[None, :]
+            qpos = torch.arange(seq_len - q_len, seq_len, device=dev)[:, None]
+            kpos = torch.arange(kh.shape[0], device=dev)[None, :]
             if batch.alibi_slopes is not None:
                 s = s - batch.alibi_slopes[:, None, None] * (qpos - kpos).abs().float()
-            allowed = torch.ones(q_len, kh.shape[0], dtype=torch.bool)
+            allowed = torch.ones(q_len, kh.shape[0], dtype=torch.bool, device=dev)
             if batch.causal:
                 allowed &= kpos <= qpos + (1 if self.bug == "causal_off_by_one" else 0)
             allowed &= kpos < seq_len
