@@ -71,12 +71,6 @@ class Verdict:
     def passed(self) -> bool:
         return self.status == "pass"
 
-    @property
-    def details(self) -> dict:
-        """Deprecated: the fields below live on the verdict itself."""
-        return {"failing_rows": self.failing_rows, "diagnostics": self.diagnostics,
-                "lse_checked": self.lse_checked, "info": self.info}
-
     def as_dict(self) -> dict:
         """JSON-serialisable (no NaN/inf: non-finite numbers become the strings "nan", "inf",
         "-inf"); ``artifacts`` are left out."""

@@ -363,7 +363,7 @@ def test_a_dump_from_a_planted_bug_is_localized_like_verify(tmp_path, capsys):
     assert verdict.worst_ratio == direct.worst_ratio
     assert (set(replay.maps_of(d.case, tensors, verdict).failing_rows())
             == set(replay.maps_of(get_case(MIXED), harness.golden_tensors(MIXED), direct).failing_rows()))
-    assert {r["where"].split(",")[0] for r in bundle.failing_rows_of(verdict)} == {"sequence 0"}
+    assert {r["where"].split(",")[0] for r in verdict.failing_rows} == {"sequence 0"}
     rc, out, _ = _main(capsys, "check-dump", str(cap.paths[0]), "--bundle", str(tmp_path / "b.safetensors"))
     assert rc == 1 and "sequence 0, token" in out
     b = bundle.read(tmp_path / "b.safetensors")  # a dump becomes a bundle: replay it on the fixed backend

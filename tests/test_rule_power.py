@@ -61,7 +61,7 @@ def test_planted_bug_fails_with_a_localized_report(bug, case, named):
 
 def test_report_names_sequence_token_head_and_blocks():
     v = harness.run_backend(PlantedBackend("drop_last_key"), "prefill-h8x2-d64-bs16-bf16")
-    rows = v.details["failing_rows"]
+    rows = v.failing_rows
     assert rows, v.report
     # every failing row is the last query of some sequence... except rows whose last key
     # carried no weight; the worst row must be a real row with a sequence/token/head/blocks

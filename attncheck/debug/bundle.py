@@ -139,19 +139,6 @@ def bundle_name(backend: str, case: str) -> str:
     return f"{safe}.safetensors"
 
 
-def verdict_record(verdict) -> dict:
-    rec = verdict.as_dict()
-    rec.setdefault("failing_rows", failing_rows_of(verdict))
-    return rec
-
-
-def failing_rows_of(verdict) -> list:
-    rows = getattr(verdict, "failing_rows", None)
-    if rows is None:
-        rows = verdict.details.get("failing_rows", [])
-    return [dict(r) for r in rows]
-
-
 def actual_of(verdict) -> dict:
     """What the backend returned ("output", "lse", caches after the run by field name), from a
     verdict run with ``keep_artifacts=True``; empty when it raised before returning."""
@@ -174,7 +161,7 @@ def from_verdict(verdict, backend, case, device, tensors: Optional[dict] = None)
         "backend": verdict.backend,
         "provider": getattr(verdict, "provider", "") or getattr(backend, "provider", "") or "",
         "case": case_spec(case), "device": device_description(device), "versions": versions(),
-        "verdict": verdict_record(verdict),
+        "verdict": verdict.as_dict(),
     }
     return out, meta
 
