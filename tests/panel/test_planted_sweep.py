@@ -8,9 +8,7 @@ legitimate op order did not admit that bug. The other planted bugs of the suite 
 twins in tests/backends/*_planted.py, kernel-source mutants of tests/mutants.py in
 tests/kernels/test_paged_decode.py and tests/backends/test_rocm_attn_planted.py, the panel's
 own twins in test_panel_power.py) assert their failure on fixed stored cases in their own tests.
-The sweep runs on the CPU whatever --device says: PlantedBackend is CPU-only, and the budgets
-it probes are stored data, the same on every device (tests/panel/test_panel.py runs the panel
-itself on the chosen device).
+Planted backend and panel run on the chosen device (--device cpu or cuda).
 """
 
 import pytest
@@ -22,18 +20,18 @@ from tests.planted import BUGS, PlantedBackend
 pytestmark = pytest.mark.smoke
 
 
-def _separating_case(backend):
+def _separating_case(backend, device: str):
     """The first stored case the backend fails and every panel member passes, and what was seen."""
     seen = []
     for tier in ("smoke", "full"):
         for case in harness.list_cases(tier=tier, kind="MHA"):
-            tensors = harness.golden_tensors(case)
-            planted = harness.run_backend(backend, case, tensors=tensors)
+            tensors = harness.golden_tensors(case, device)
+            planted = harness.run_backend(backend, case, device=device, tensors=tensors)
             assert planted.status != "error", f"{backend.name} on {case}: {planted.reason}"
             if planted.status != "fail":
                 continue
             failing = [m.name for m in MHA_MEMBERS
-                       if harness.run_backend(m, case, tensors=tensors).status != "pass"]
+                       if harness.run_backend(m, case, device=device, tensors=tensors).status != "pass"]
             if not failing:
                 return case, planted, seen
             seen.append(f"{case} (bug fails, but so do {', '.join(failing)})")
@@ -41,14 +39,14 @@ def _separating_case(backend):
 
 
 @pytest.mark.parametrize("bug", BUGS)
-def test_planted_bug_fails_a_case_every_panel_member_passes(bug):
-    case, verdict, seen = _separating_case(PlantedBackend(bug))
+def test_planted_bug_fails_a_case_every_panel_member_passes(bug, device):
+    case, verdict, seen = _separating_case(PlantedBackend(bug), device)
     assert case is not None, (f"{bug}: no stored MHA case fails it while the whole panel passes; "
                               f"cases it fails: {seen or 'none'}")
     assert verdict.reason, verdict.report  # a fail always says why
 
 
-def test_sweep_finds_no_separating_case_for_a_correct_backend():
+def test_sweep_finds_no_separating_case_for_a_correct_backend(device):
     """The sweep can fail: the planted backend without a bug passes every stored case."""
-    case, _, seen = _separating_case(PlantedBackend(None))
+    case, _, seen = _separating_case(PlantedBackend(None), device)
     assert case is None and not seen, (case, seen)
