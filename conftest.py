@@ -17,7 +17,8 @@ def pytest_addoption(parser):
     g = parser.getgroup("attncheck")
     g.addoption("--device", dest="attncheck_device", choices=("auto", "cpu", "cuda"),
                 help="short for --attncheck-device")
-    g.addoption("--tier", dest="attncheck_tier", choices=("smoke", "full", "large"), help="short for --attncheck-tier")
+    g.addoption("--tier", dest="attncheck_tier", choices=("smoke", "full", "large", "sweep"),
+                help="short for --attncheck-tier")
     g.addoption("--backend", dest="attncheck_backend", nargs="+", metavar="NAME", help="short for --attncheck-backend")
     g.addoption("--backend-plugin", dest="attncheck_backend_plugin", action="append", default=[], metavar="MODULE:ATTR",
                 help="short for --attncheck-backend-plugin")

@@ -5,7 +5,9 @@ its kind's ``generator`` module (``attncheck.mha_case``, ``attncheck.mla_case``,
 ``attncheck.merge_case``) turns it into deterministic inputs, the float64 reference outputs
 and the error budgets. Tiers: ``smoke`` (CPU CI through the Triton interpreter: small
 shapes), ``full`` (GPU: stored goldens of medium size), ``large`` (GPU: generated from the
-recorded seed and checked against a streaming float64 reference on the GPU, never stored).
+recorded seed and checked against a streaming float64 reference on the GPU, never stored),
+``sweep`` (configurations drawn from a seed by ``attncheck.sweep``, named ``sweep:S:I``, not
+rows of this table; checked live like the large tier).
 
 A case's name is derived from its fields (``derived_name``), so a name cannot claim a head
 count, head size, block size, dtype or knob that the case does not have; catalogue rows give
@@ -27,12 +29,13 @@ from typing import ClassVar, Optional
 import torch
 
 from attncheck import merge_case, mha_case, mla_case
+from attncheck.options import TIERS  # one list, importable without torch (the pytest plugin)
 from impl.backend import CaseParams
 from impl.batch import FP8_DTYPES, classify_rows
 from reference import mla as ref_mla
 
-TIERS = ("smoke", "full", "large")
 STORED_TIERS = ("smoke", "full")
+LIVE_TIERS = ("large", "sweep")  # inputs from the seed, oracle built on the device at run time (never stored)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

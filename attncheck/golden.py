@@ -154,13 +154,27 @@ def read_manifest(root: Optional[Path] = None) -> dict:
 
 
 _VERIFIED: dict = {}
+_MANIFESTS: dict = {}  # (path, mtime, size) -> parsed manifest: every case load reads it
+
+
+def _manifest_for_load(root: Path) -> dict:
+    path = root / MANIFEST_NAME
+    try:
+        st = path.stat()
+    except OSError:
+        return read_manifest(root)  # its error names the file
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _MANIFESTS:
+        _MANIFESTS.clear()
+        _MANIFESTS[key] = read_manifest(root)
+    return _MANIFESTS[key]
 
 
 def load(case, root: Optional[Path] = None, check_hash: bool = True) -> dict:
     """Read a stored case (read-only). Raises GoldenError naming the file on any mismatch."""
     root = root or golden_dir()
     path = case_path(case, root)
-    manifest = read_manifest(root)
+    manifest = _manifest_for_load(root)
     entry = manifest.get("cases", {}).get(case.name)
     if entry is None:
         raise GoldenError(f"case {case.name} is not in {root / MANIFEST_NAME}: run `attncheck golden regen`")

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from attncheck import cases as catalogue
-from attncheck import golden, runtime
+from attncheck import golden, runtime, sweep, timing
 from attncheck.backends import PluginError, get_backend
 from attncheck.rule import Check, bits, compare_cache, compare_output
 from impl.batch import BatchError
@@ -65,6 +65,7 @@ class Verdict:
     seconds: float = 0.0
     verified: bool = True  # False: skipped because this machine cannot check a ROCm-only path
     report: str = ""
+    timings: dict = field(default_factory=dict)  # seconds per phase of this check (attncheck.timing)
     artifacts: Optional[dict] = field(default=None, repr=False, compare=False)  # keep_artifacts=True
 
     @property
@@ -121,8 +122,14 @@ def list_cases(tier: Optional[str] = None, kind: Optional[str] = None, family: O
     return [c.name for c in catalogue.select_cases(tier=tier, kind=kind, family=family)]
 
 
-def _case_obj(case):
-    return catalogue.get_case(case) if isinstance(case, str) else case
+def _case_obj(case, device="cpu"):
+    """A case object from a catalogue name, a sweep name (``sweep:S:I``, drawn at the sizes of
+    ``device``, attncheck.sweep) or a case object."""
+    if not isinstance(case, str):
+        return case
+    if sweep.is_sweep_name(case):
+        return sweep.case_from_name(case, sweep.sizes_for(runtime.torch_device(device).type))
+    return catalogue.get_case(case)
 
 
 def _is_stored(case) -> bool:
@@ -136,17 +143,24 @@ def _is_stored(case) -> bool:
 
 def golden_tensors(case, device="cpu") -> dict:
     """The case's inputs, expected outputs and budgets (stored, or generated in memory)."""
-    case = _case_obj(case)
-    module = golden.case_module(case)
+    return _golden_tensors_timed(_case_obj(case, device), device)[0]
+
+
+def _golden_tensors_timed(case, device) -> tuple:
+    """(tensors, {"load" or "oracle": seconds spent here}). Live tiers (large, sweep) build the
+    case on ``device`` with its kind's ``build_live``, once per process and case: the backends
+    of one case (consecutive items, one xdist group) share that oracle."""
+    t0 = time.perf_counter()
     if _is_stored(case):
-        return golden.load(case)
-    if case.tier == "large":
-        key = (case, str(device))
-        if key not in _LIVE:  # one live oracle per process: every backend reuses it
-            _LIVE.clear()
-            _LIVE[key] = module.build_live(case, device)
-        return _LIVE[key]
-    return golden.generate(case)
+        return golden.load(case), {"load": time.perf_counter() - t0}
+    if case.tier not in catalogue.LIVE_TIERS:
+        return golden.generate(case), {"oracle": time.perf_counter() - t0}
+    key = (case, str(device))
+    if key not in _LIVE:
+        _LIVE.clear()
+        _LIVE[key] = golden.case_module(case).build_live(case, device)
+        return _LIVE[key], {"oracle": time.perf_counter() - t0}
+    return _LIVE[key], {}
 
 
 _LIVE: dict = {}  # holds one case only (a large-tier oracle is hundreds of MB), so not an lru_cache
@@ -162,7 +176,7 @@ def run_backend(backend, case, device="cpu", tensors: Optional[dict] = None,
     the ``caches`` after the run (when the backend ran).
     """
     t0 = time.perf_counter()
-    case = _case_obj(case)
+    case = _case_obj(case, device)
     if isinstance(backend, str):
         try:
             backend = get_backend(backend)
@@ -171,7 +185,7 @@ def run_backend(backend, case, device="cpu", tensors: Optional[dict] = None,
                            tier=case.tier, device=str(device), reason=f"backend {backend} could not be loaded: {e}",
                            report=str(e))
     v = Verdict(backend=backend.name, case=case.name, status="skip", provider=provider_of(backend),
-                kind=case.kind, family=str(case.family), tier=case.tier, device=str(device))
+                kind=case.kind, family=str(case.family), tier=case.tier, device=str(device), timings=timing.where())
     try:
         dev = runtime.torch_device(device)
         if case.kind != backend.kind:
@@ -187,7 +201,8 @@ def run_backend(backend, case, device="cpu", tensors: Optional[dict] = None,
             v.reason = missing
             return v
         if tensors is None:
-            tensors = golden_tensors(case, dev)
+            tensors, spent = _golden_tensors_timed(case, dev)
+            v.timings.update(spent)
         v = _judge(backend, case, tensors, dev, v, keep_artifacts)
         return _apply_known_issues(backend, case, dev, v)
     except Exception as e:  # the backend (or its kernels) raised: report it, never hide it
@@ -197,6 +212,10 @@ def run_backend(backend, case, device="cpu", tensors: Optional[dict] = None,
         return v
     finally:
         v.seconds = time.perf_counter() - t0
+        if case.tier == "sweep" and v.status in ("fail", "error", "xfail"):
+            # not a catalogue row: the name alone does not say what ran
+            v.report = f"case {case.name}: {sweep.describe(case)}\n{v.report}"
+        v.timings = {k: round(x, 6) if isinstance(x, float) else x for k, x in v.timings.items()}
 
 
 def _apply_known_issues(backend, case, dev, v: Verdict) -> Verdict:
@@ -246,6 +265,7 @@ def _reason(checks: list) -> str:
 
 
 def _judge(backend, case, tensors, dev, v: Verdict, keep_artifacts: bool) -> Verdict:
+    t_prepare = time.perf_counter()
     module = golden.case_module(case)
     unordered = getattr(case, "unordered", False)
     pristine = {k: t for k, t in tensors.items() if not k.startswith(GOLDEN_ONLY)}
@@ -254,14 +274,34 @@ def _judge(backend, case, tensors, dev, v: Verdict, keep_artifacts: bool) -> Ver
     cache_names = [name for name, _ in module.CACHE_FIELDS]
     batch.validate(allow_unordered=unordered)
     knobs_before = _snapshot(batch)
+    t_backend = time.perf_counter()
+    v.timings["prepare"] = t_backend - t_prepare
+    with timing.compiling() as compiled:
+        try:
+            out = backend.run(batch)
+        except BatchError as e:
+            out = e
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    t_compare = time.perf_counter()
+    v.timings.update(backend=t_compare - t_backend, compile=compiled.seconds, compiles=compiled.compiles)
+    if compiled.kernels:
+        v.timings["kernels"] = list(compiled.kernels)
+    if compiled.graphs:
+        v.timings["graphs"] = compiled.graphs
     try:
-        out = backend.run(batch)
-    except BatchError as e:
+        return _judge_output(backend, case, tensors, dev, v, keep_artifacts, module, pristine, batch, cache_names,
+                             knobs_before, out, unordered)
+    finally:
+        v.timings["compare"] = time.perf_counter() - t_compare
+
+
+def _judge_output(backend, case, tensors, dev, v, keep_artifacts, module, pristine, batch, cache_names,
+                  knobs_before, out, unordered) -> Verdict:
+    if isinstance(out, BatchError):
         if keep_artifacts:
             v.artifacts = _artifacts(pristine, None, batch, cache_names)
-        return _judge_rejection(backend, case, v, e, unordered)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+        return _judge_rejection(backend, case, v, out, unordered)
     if keep_artifacts:
         v.artifacts = _artifacts(pristine, out, batch, cache_names)
     expected = {k: t for k, t in tensors.items() if k.startswith(GOLDEN_ONLY)}

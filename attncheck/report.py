@@ -155,15 +155,68 @@ def write_atomic(path, data: bytes) -> None:
         raise
 
 
-def json_report(verdicts: list, settings, environment: dict) -> dict:
+def json_report(verdicts: list, settings, environment: dict, extra: dict | None = None) -> dict:
+    """The run as JSON; ``extra`` adds sections (``timing``: attncheck.timing.summary;
+    ``sweep``: ``sweep_report``)."""
     return json_safe({"device": settings.device, "tier": settings.tier, "provider": settings.provider,
                       "counts": counts(verdicts), "verdicts": [v.as_dict() for v in verdicts],
-                      "matrix": matrix(verdicts), "environment": environment})
+                      "matrix": matrix(verdicts), "environment": environment, **(extra or {})})
 
 
-def write_json(path, verdicts: list, settings, environment: dict) -> None:
-    text = json.dumps(json_report(verdicts, settings, environment), indent=1, allow_nan=False)
+def write_json(path, verdicts: list, settings, environment: dict, extra: dict | None = None) -> None:
+    text = json.dumps(json_report(verdicts, settings, environment, extra), indent=1, allow_nan=False)
     write_atomic(path, (text + "\n").encode())
+
+
+# ---- sweep ----------------------------------------------------------------------------------------
+
+def sweep_report(verdicts: list, pair_counts: dict, *, seed: int, count: int, sizes, shapes, names: list,
+                 wall: float, budget, budget_reached: bool) -> dict:
+    """What a sweep ran: per backend how many configurations of its kind there were, how many
+    its capabilities accepted and how many it ran (and how they ended), which configurations
+    ran, the axis values they covered, throughput and the time budget."""
+    from attncheck import sweep
+
+    ran = [v for v in verdicts if v.status != "skip"]
+    per_backend = {}
+    for b, c in sorted(pair_counts.items()):
+        mine = [v for v in verdicts if v.backend == b]
+        per_backend[b] = dict(c, ran=sum(v.status != "skip" for v in mine),
+                              **{s: sum(v.status == s for v in mine) for s in STATUSES})
+    run_names = sorted({v.case for v in ran}, key=lambda n: sweep.parse_name(n)[1])
+    run_cases = [sweep.case_from_name(n, sizes, shapes) for n in run_names]
+    drawn = len(names) if names else count
+    return {
+        "seed": seed, "sizes": sizes.name, "shape_classes": sweep.class_table(seed, sizes, shapes),
+        "configurations_drawn": drawn, "configurations_run": len(run_names),
+        "configurations_run_names": run_names if len(run_names) <= 50 else run_names[:50] + ["..."],
+        "checks": len(ran), "failures": sum(v.status in ("fail", "error") for v in ran),
+        "expected_failures": sum(v.status == "xfail" for v in ran),
+        "per_backend": per_backend, "coverage": sweep.coverage(run_cases, sizes),
+        "wall_seconds": round(wall, 3), "checks_per_second": round(len(ran) / wall, 3) if wall > 0 else None,
+        "time_budget_seconds": budget, "time_budget_reached": budget_reached,
+    }
+
+
+def render_sweep(r: dict) -> str:
+    classes = r["shape_classes"]
+    n_mha = sum(c["kind"] == "MHA" for c in classes)
+    head = (f"sweep seed {r['seed']} ({r['sizes']} sizes, {n_mha} MHA + {len(classes) - n_mha} MLA shape classes): "
+            f"{r['configurations_run']} of {r['configurations_drawn']} configurations run, {r['checks']} checks in "
+            f"{r['wall_seconds']:.1f} s ({r['checks_per_second'] or 0:.2f} checks/s), failures: {r['failures']}, "
+            f"expected failures: {r['expected_failures']}")
+    if r["time_budget_seconds"]:
+        head += (f"; time budget {r['time_budget_seconds']:g} s "
+                 + ("reached: the run stopped there" if r["time_budget_reached"] else "not reached"))
+    rows = []
+    for b, c in r["per_backend"].items():
+        filtered = ", ".join(f"{why} x{n}" for why, n in sorted(c["filtered_by_capability"].items(),
+                                                                    key=lambda kv: -kv[1])[:3])
+        rows.append([b, c["configurations_of_its_kind"], c["accepted"], c["ran"], c["pass"], c["fail"], c["xfail"],
+                     c["error"], filtered])
+    table = tabulate(rows, headers=["backend", "of its kind", "accepted", "ran", "pass", "fail", "xfail", "error",
+                                    "filtered by capability (top reasons)"], tablefmt="simple")
+    return head + "\n" + table
 
 
 def junit_xml(verdicts: list, suite: str = "attncheck") -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import sys
 
 
 def mutant(module, edits, tmp_path):
@@ -21,5 +22,6 @@ def mutant(module, edits, tmp_path):
     path.write_text(src)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses (and pickling) look their module up by name
     spec.loader.exec_module(mod)
     return mod
