@@ -11,7 +11,8 @@
 # Each part starts with empty Triton and Inductor caches, so every part pays its own
 # compilations (a cache warmed by an earlier part would flatter a later one). Logs and JSON go
 # to $OUT: <part>.log, <part>.summary.json (counts, timing, failures; small) and <part>.json.gz
-# (every verdict). Knobs (environment): SEED (0), COUNT (4000), CAP (540 s), WORKERS_PER_GPU
+# (every verdict). Knobs (environment): SEED (0), COUNT (5000: about 14,000 backend x
+# configuration pairs with all 8 backends), CAP (540 s), WORKERS_PER_GPU
 # (default: min(4, cores / (4 x GPUs))), SHAPES (MHA shape classes per seed; default 16),
 # BACKENDS (default: all), DEVICE (cuda; `DEVICE=cpu COUNT=4 BACKENDS=TORCH_SDPA` dry-runs it here).
 # amd-aiter travels as an installed copy in .gpu/site (carry .gpu), as for scripts/gpu_verify.sh.
@@ -19,7 +20,7 @@ set -u
 OUT=${OUT:-/tmp/attncheck-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/.gpu/site:$PWD
 export PYTHONUNBUFFERED=1
-SEED=${SEED:-0}; COUNT=${COUNT:-4000}; CAP=${CAP:-540}
+SEED=${SEED:-0}; COUNT=${COUNT:-5000}; CAP=${CAP:-540}
 DEVICE=${DEVICE:-cuda}
 # compiled kernels on the GPU; the interpreter for a CPU dry run (torch imports Triton early)
 if [ "$DEVICE" = cpu ]; then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
