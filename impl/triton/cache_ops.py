@@ -29,7 +29,8 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
+# token counts and block-table widths change with every batch: no compiled variant per value pattern
+@triton.jit(do_not_specialize=["num_tokens"])
 def _write_kernel(x_ptr, cache_ptr, slot_ptr, scale_ptr, num_tokens, block_size,
                   stride_xt, stride_xh, stride_xd,
                   stride_cb, stride_cs, stride_ch, stride_cd,
@@ -61,7 +62,7 @@ def _write_kernel(x_ptr, cache_ptr, slot_ptr, scale_ptr, num_tokens, block_size,
     tl.store(dst, val, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total", "stride_bt"])
 def _gather_kernel(cache_ptr, out_ptr, tok_seq_ptr, cu_ptr, starts_ptr, bt_ptr, scale_ptr,
                    total, block_size, stride_bt,
                    stride_cb, stride_cs, stride_ch, stride_cd,

@@ -116,7 +116,10 @@ def _attend(acc, m_i, l_i, q, j_lo, j_hi,
     return acc, m_i, l_i
 
 
-@triton.jit
+# Integer arguments that change with every batch (sequence count, token count, block-table
+# width) are not specialised on (Triton would otherwise compile a variant per "== 1" and
+# "multiple of 16" pattern of them); everything a kernel's code depends on is a constexpr.
+@triton.jit(do_not_specialize=["num_seqs", "stride_lh", "stride_bt"])
 def _unified_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, alibi_ptr, sinks_ptr,
         seg_acc_ptr, seg_m_ptr, seg_l_ptr,
@@ -244,7 +247,7 @@ def _unified_kernel(
                 tl.store(lse_ptr + head * stride_lh + t_glob * stride_lt, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "stride_lh"])
 def _reduce_segments_kernel(out_ptr, lse_ptr, sinks_ptr, seg_acc_ptr, seg_m_ptr, seg_l_ptr,
                             num_rows, num_q_heads, stride_ot, stride_oh, stride_od, stride_lh, stride_lt,
                             v_scale,
