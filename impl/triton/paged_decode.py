@@ -38,7 +38,9 @@ from impl.triton.tiles import online_softmax_update, paged_scores
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 
-@triton.jit
+# per-batch integers (block-table width, workspace strides that follow the partition count) are
+# not specialised on: one compiled variant per shape, not one per ==1 / multiple-of-16 pattern
+@triton.jit(do_not_specialize=["stride_bt", "stride_wb", "stride_wh", "stride_mb", "stride_mh"])
 def _partition_kernel(
     q_ptr, k_cache, v_cache, block_table, query_start_loc, seq_lens, alibi_ptr,
     ws_out, ws_max, ws_sum,
@@ -102,7 +104,7 @@ def _partition_kernel(
     tl.store(ws_sum + mrow, l_i, mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_wb", "stride_wh", "stride_mb", "stride_mh", "stride_lh"])
 def _reduce_kernel(
     ws_out, ws_max, ws_sum, out_ptr, lse_ptr, query_start_loc, seq_lens, sinks_ptr,
     stride_wb, stride_wh, stride_wp, stride_mb, stride_mh, stride_ot, stride_oh, stride_lh,

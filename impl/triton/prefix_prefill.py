@@ -59,7 +59,8 @@ def _attend_tile(
     return online_softmax_update(acc, m_i, l_i, s, v, True, False, DOT_PREC)
 
 
-@triton.jit
+# per-batch integers (token count in the LSE stride, block-table width) are not specialised on
+@triton.jit(do_not_specialize=["stride_lh", "stride_bt"])
 def _prefix_prefill_kernel(
     q_ptr, k_cache, v_cache, out_ptr, lse_ptr, block_table, query_start_loc, seq_lens,
     alibi_ptr, sinks_ptr,
