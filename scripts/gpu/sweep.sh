@@ -15,7 +15,9 @@
 # configuration pairs with all 8 backends), CAP (540 s), WORKERS_PER_GPU
 # (default: min(4, cores / (4 x GPUs))), SHAPES (MHA shape classes per seed; default 16),
 # BACKENDS (default: all), DEVICE (cuda; `DEVICE=cpu COUNT=4 BACKENDS=TORCH_SDPA` dry-runs it here).
-# amd-aiter travels as an installed copy in .gpu/site (carry .gpu), as for scripts/gpu_verify.sh.
+# amd-aiter travels as an installed copy in .gpu/site (carry .gpu), as for scripts/gpu_verify.sh;
+# -n needs pytest-xdist there too (pure Python), e.g. made on this machine with
+#   pip install --no-deps --target .gpu/site pytest-xdist execnet
 set -u
 OUT=${OUT:-/tmp/attncheck-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/.gpu/site:$PWD
@@ -30,6 +32,8 @@ EXTRA=()
 SWEEP_EXTRA=()
 [ -n "${SHAPES:-}" ] && SWEEP_EXTRA+=(--shapes "$SHAPES")
 AC="python3 -m attncheck.cli"
+python3 -c "import xdist, execnet, tabulate" || {
+  echo "sweep.sh: pytest-xdist/execnet/tabulate missing: pip install --no-deps --target .gpu/site pytest-xdist execnet tabulate (then carry .gpu)"; exit 2; }
 
 python3 - <<'PY' | tee "$OUT/env.txt"
 import os, torch, triton, platform
