@@ -1,10 +1,12 @@
 """The golden store: one safetensors file per case plus ``golden/MANIFEST.json``.
 
 * ``regen`` (single process) generates every stored case twice and requires identical bytes,
-  prints a per-case diff against what is on disk, and writes files and manifest atomically
-  (temp file + ``os.replace``) under a file lock. Nothing is ever half-written.
+  prints a per-case diff against what is on disk, and replaces the store all or nothing (staged
+  files + a journal, under a file lock; see "regen: all or nothing" below). It refuses a store
+  whose manifest it cannot read, and deletes stale or orphan case files only with ``prune``.
 * ``verify`` checks the manifest schema, every file's and every tensor's sha256, that no file
-  is missing or orphaned, and that the manifest matches the catalogue.
+  is missing or orphaned, and that the manifest matches the catalogue; ``recover`` first
+  completes (or discards) an interrupted regen.
 * ``load`` reads a case read-only (xdist workers need no locks); the file hash is checked once
   per process.
 
@@ -142,15 +144,94 @@ def stored_cases() -> list:
 
 # ---- reading --------------------------------------------------------------------------------
 
-def read_manifest(root: Optional[Path] = None) -> dict:
-    root = root or golden_dir()
+_ENTRY_KEYS = {"kind", "tier", "family", "path", "file_sha256", "size_bytes", "params", "tensors", "provenance",
+               "rule"}
+
+
+def _type_name(x) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(x), type(x).__name__)
+
+
+def manifest_top_problems(manifest) -> list[str]:
+    """Problems with the manifest as a whole; any of them makes the store unreadable."""
+    if not isinstance(manifest, dict):
+        return [f"expected a JSON object with 'schema_version' and 'cases', got {_type_name(manifest)}"]
+    problems = [f"missing top-level key {k!r}" for k in ("schema_version", "reference_version", "conventions",
+                                                         "cases") if k not in manifest]
+    if "schema_version" in manifest and manifest["schema_version"] != SCHEMA_VERSION:
+        problems.append(f"schema_version {manifest['schema_version']!r}, expected {SCHEMA_VERSION}")
+    if "cases" in manifest and not isinstance(manifest["cases"], dict):
+        problems.append(f"'cases' must be an object mapping case name to entry, got {_type_name(manifest['cases'])}")
+    return problems
+
+
+def entry_problem(name: str, entry) -> Optional[str]:
+    """What is wrong with one manifest entry (None if it is well-formed)."""
+    if not isinstance(entry, dict):
+        return f"case {name}: manifest entry must be an object, got {_type_name(entry)}"
+    missing = _ENTRY_KEYS - set(entry)
+    if missing:
+        return f"case {name}: manifest entry lacks {sorted(missing)}"
+    rel = entry["path"]
+    if not isinstance(rel, str) or not rel.endswith(".safetensors") or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        return f"case {name}: path must be a relative '<kind>/<name>.safetensors' inside the store, got {rel!r}"
+    sha = entry["file_sha256"]
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        return f"case {name}: file_sha256 must be 64 lowercase hex digits, got {sha!r}"
+    if not isinstance(entry["tensors"], dict):
+        return f"case {name}: 'tensors' must be an object, got {_type_name(entry['tensors'])}"
+    return None
+
+
+def _manifest_json(root: Path) -> dict:
+    """The manifest's JSON, whose top level is sound; GoldenError (one line) otherwise."""
     path = root / MANIFEST_NAME
     if not path.exists():
         raise GoldenError(f"{path} is missing: run `attncheck golden regen`")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise GoldenError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise GoldenError(f"{path} is not a manifest: expected UTF-8 JSON, got binary data") from None
     except json.JSONDecodeError as e:
-        raise GoldenError(f"{path} is not valid JSON: {e}") from None
+        raise GoldenError(f"{path} is not valid JSON ({e}); restore it from version control") from None
+    problems = manifest_top_problems(manifest)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise GoldenError(f"{path} is not a valid manifest: {problems[0]}{more}")
+    return manifest
+
+
+def read_manifest(root: Optional[Path] = None) -> dict:
+    """The manifest, checked: raises GoldenError (one line naming the file) if it is missing,
+    unreadable, not JSON, or not a manifest (wrong schema, a malformed entry)."""
+    root = root or golden_dir()
+    manifest = _manifest_json(root)
+    for name, entry in manifest["cases"].items():
+        problem = entry_problem(name, entry)
+        if problem:
+            raise GoldenError(f"{root / MANIFEST_NAME} is not a valid manifest: {problem}")
+    return manifest
+
+
+def stored_models(root: Path) -> dict:
+    """Spot-check model weights under golden/models/ (not cases): path -> sha256 from its MODELS.json."""
+    index = root / "models" / "MODELS.json"
+    if not index.exists():
+        return {}
+    try:
+        models = json.loads(index.read_bytes().decode("utf-8"))
+        return {(index.parent / rel).resolve(): e["sha256"] for rel, e in models.items()}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise GoldenError(f"{index} is not a model index ({type(e).__name__}: {e}); "
+                          "restore it from version control") from None
+
+
+def _stray_files(root: Path, listed: set) -> list[Path]:
+    """Safetensors files under the store that neither a manifest entry nor MODELS.json names."""
+    listed = listed | set(stored_models(root))
+    return sorted(f for f in root.rglob("*.safetensors") if f.resolve() not in listed)
 
 
 _VERIFIED: dict = {}
@@ -163,26 +244,36 @@ def _manifest_for_load(root: Path) -> dict:
         st = path.stat()
     except OSError:
         return read_manifest(root)  # its error names the file
-    key = (str(path), st.st_mtime_ns, st.st_size)
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)  # a regen replaces it: a new inode
     if key not in _MANIFESTS:
         _MANIFESTS.clear()
         _MANIFESTS[key] = read_manifest(root)
     return _MANIFESTS[key]
 
 
+def _read_bytes(path: Path, what: str = "golden file") -> bytes:
+    if path.is_dir():
+        raise GoldenError(f"{what} {path} is a directory, expected a safetensors file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise GoldenError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+
+
 def load(case, root: Optional[Path] = None, check_hash: bool = True) -> dict:
     """Read a stored case (read-only). Raises GoldenError naming the file on any mismatch."""
     root = root or golden_dir()
+    _refuse_pending_regen(root)
     path = case_path(case, root)
     manifest = _manifest_for_load(root)
-    entry = manifest.get("cases", {}).get(case.name)
+    entry = manifest["cases"].get(case.name)
     if entry is None:
         raise GoldenError(f"case {case.name} is not in {root / MANIFEST_NAME}: run `attncheck golden regen`")
     if not path.exists():
         raise GoldenError(f"golden file {path} is missing")
     key = (str(path), entry["file_sha256"])
     if check_hash and key not in _VERIFIED:
-        digest = _sha(path.read_bytes())
+        digest = _sha(_read_bytes(path))
         if digest != entry["file_sha256"]:
             raise GoldenError(f"golden file {path} fails its hash (sha256 {digest[:12]}..., manifest "
                               f"{entry['file_sha256'][:12]}...): {_which_tensors_differ(path, entry)}")
@@ -221,44 +312,36 @@ def _which_tensors_differ(path: Path, entry: dict) -> str:
 
 # ---- verify ---------------------------------------------------------------------------------
 
-_ENTRY_KEYS = {"kind", "tier", "family", "path", "file_sha256", "size_bytes", "params", "tensors", "provenance",
-               "rule"}
-
-
-def stored_models(root: Path) -> dict:
-    """Spot-check model weights under golden/models/ (not cases): path -> sha256 from its MODELS.json."""
-    index = root / "models" / "MODELS.json"
-    if not index.exists():
-        return {}
-    return {(index.parent / rel).resolve(): e["sha256"] for rel, e in json.loads(index.read_text()).items()}
-
-
 def verify(root: Optional[Path] = None) -> list[str]:
-    """All problems found (empty list = the store is sound)."""
+    """All problems found, one line each (empty list = the store is sound). Reads only;
+    `recover()` completes or discards an interrupted regen first (the CLI does both)."""
     root = root or golden_dir()
+    if not root.is_dir():
+        return [f"golden dir {root} {'is not a directory' if root.exists() else 'does not exist'}"
+                " (set ATTNCHECK_GOLDEN_DIR to a golden store, or unset it)"]
     problems: list[str] = []
+    if (root / JOURNAL_NAME).exists():
+        problems.append(f"{root / JOURNAL_NAME}: an interrupted regen is pending "
+                        "(`attncheck golden verify` or the next regen completes it)")
+    problems += [f"{f}: left over from an interrupted regen (`attncheck golden verify` removes it)"
+                 for f in _leftovers(root)]
     try:
-        manifest = read_manifest(root)
+        manifest = _manifest_json(root)
     except GoldenError as e:
-        return [str(e)]
-    for key in ("schema_version", "reference_version", "conventions", "cases"):
-        if key not in manifest:
-            problems.append(f"manifest: missing top-level key {key!r}")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"manifest: schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}")
-    entries = manifest.get("cases", {})
+        return problems + [str(e)]
+    entries = manifest["cases"]
     if list(entries) != sorted(entries):
         problems.append("manifest: cases are not sorted by name")
     expected = {c.name: c for c in stored_cases()}
     for name in sorted(set(expected) - set(entries)):
         problems.append(f"case {name}: in the catalogue but not in the manifest (run `attncheck golden regen`)")
     for name in sorted(set(entries) - set(expected)):
-        problems.append(f"case {name}: in the manifest but not in the catalogue (stale; run `attncheck golden regen`)")
+        problems.append(f"case {name}: in the manifest but not in the catalogue (stale; "
+                        "`attncheck golden regen --prune` removes it)")
+    malformed = {n: entry_problem(n, e) for n, e in entries.items() if entry_problem(n, e)}
+    problems += list(malformed.values())
+    entries = {n: e for n, e in entries.items() if n not in malformed}
     for name, entry in sorted(entries.items()):
-        missing = _ENTRY_KEYS - set(entry)
-        if missing:
-            problems.append(f"case {name}: manifest entry lacks {sorted(missing)}")
-            continue
         case = expected.get(name)
         if case is not None and entry["params"] != json.loads(json.dumps(case.manifest_params())):
             problems.append(f"case {name}: manifest parameters differ from the catalogue (regenerate)")
@@ -266,7 +349,11 @@ def verify(root: Optional[Path] = None) -> list[str]:
         if not path.exists():
             problems.append(f"case {name}: file {path} is missing")
             continue
-        blob = path.read_bytes()
+        try:
+            blob = _read_bytes(path)
+        except GoldenError as e:
+            problems.append(f"case {name}: {e}")
+            continue
         if _sha(blob) != entry["file_sha256"]:
             problems.append(f"case {name}: {path} fails its hash: {_which_tensors_differ(path, entry)}")
             continue
@@ -274,20 +361,53 @@ def verify(root: Optional[Path] = None) -> list[str]:
             meta = json.loads((f.metadata() or {}).get("attncheck", "{}"))
         if meta.get("case_id") != name:
             problems.append(f"case {name}: file metadata names case {meta.get('case_id')!r}")
-    models = stored_models(root)
+    try:
+        models = stored_models(root)
+    except GoldenError as e:
+        return problems + [str(e)]
     for path, sha in sorted(models.items()):
-        if not path.exists() or _sha(path.read_bytes()) != sha:
+        if not path.is_file() or _sha(path.read_bytes()) != sha:
             problems.append(f"model {path}: missing or fails its sha256 in golden/models/MODELS.json")
-    listed = {(root / e["path"]).resolve() for e in entries.values() if "path" in e} | set(models)
-    for f in sorted(root.rglob("*.safetensors")):
-        if f.resolve() not in listed:
-            problems.append(f"orphan golden file {f} (not in the manifest)")
+    for f in _stray_files(root, {(root / e["path"]).resolve() for e in entries.values()}):
+        problems.append(f"orphan golden file {f} (not in the manifest; `attncheck golden regen --prune` "
+                        "deletes it)")
     return problems
 
 
-# ---- regen ----------------------------------------------------------------------------------
+# ---- regen: all or nothing ------------------------------------------------------------------
+#
+# A regen stages every new file beside its target (".<name>.staged"), then commits by writing
+# one journal file atomically: the list of renames (staged -> target, the manifest last) and
+# deletions. Before the journal exists an interruption leaves the old store plus staged files,
+# which `recover` discards; once it exists, `recover` finishes the renames and deletions. Either
+# way the store ends as the old one or the new one, never a mix (tests/test_golden_integrity.py
+# kills a regen after each of its file operations to prove it).
+
+JOURNAL_NAME = ".regen-journal.json"
+_STAGED_SUFFIX = ".staged"
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """Staged files and temp files of an interrupted regen (hidden names only we create)."""
+    return sorted(f for pattern in (f".*{_STAGED_SUFFIX}", ".*.tmp") for f in root.rglob(pattern)
+                  if f.is_file() and f.name != JOURNAL_NAME)
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (must not exist) with ``data``, flushed to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write one file atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -303,6 +423,66 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _apply_journal(root: Path, journal: dict) -> int:
+    """Finish a committed regen; idempotent (a step already done is skipped)."""
+    done = 0
+    for staged, target in journal["renames"]:
+        if (root / staged).exists():
+            os.replace(root / staged, root / target)
+            done += 1
+    for rel in journal["deletes"]:
+        if (root / rel).is_file():
+            os.unlink(root / rel)
+            done += 1
+    os.unlink(root / JOURNAL_NAME)
+    return done
+
+
+def _read_journal(root: Path) -> dict:
+    path = root / JOURNAL_NAME
+    try:
+        journal = json.loads(path.read_bytes().decode("utf-8"))
+        ok = isinstance(journal, dict) and all(
+            isinstance(journal.get(k), list) for k in ("renames", "deletes"))
+        ok = ok and all(isinstance(r, list) and len(r) == 2 for r in journal["renames"])
+        paths = [p for r in journal["renames"] for p in r] + journal["deletes"] if ok else []
+        ok = ok and all(isinstance(p, str) and not Path(p).is_absolute() and ".." not in Path(p).parts
+                        for p in paths)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise GoldenError(f"{path} is not a regen journal; restore the golden store from version control "
+                          "and delete the journal")
+    return journal
+
+
+def _refuse_pending_regen(root: Path) -> None:
+    if (root / JOURNAL_NAME).exists():
+        raise GoldenError(f"{root}: an interrupted regen is pending; run `attncheck golden verify` to complete it")
+
+
+def recover(root: Optional[Path] = None) -> list[str]:
+    """Complete a committed but interrupted regen, or discard an uncommitted one.
+    Returns what was done (empty: nothing to do; a read-only store is never locked then)."""
+    root = root or golden_dir()
+    if not root.is_dir() or not ((root / JOURNAL_NAME).exists() or _leftovers(root)):
+        return []
+    from filelock import FileLock
+    with FileLock(str(root / ".lock")):
+        return _recover_locked(root)
+
+
+def _recover_locked(root: Path) -> list[str]:
+    actions = []
+    if (root / JOURNAL_NAME).exists():
+        n = _apply_journal(root, _read_journal(root))
+        actions.append(f"completed an interrupted regen ({n} file operations were left to do)")
+    for f in _leftovers(root):
+        os.unlink(f)
+        actions.append(f"discarded {f} (from an interrupted regen that never committed)")
+    return actions
+
+
 def _diff_line(name: str, old_entry: Optional[dict], new_entry: dict, old_path: Path, new_tensors: dict) -> str:
     if old_entry is None:
         return f"  new        {name} ({new_entry['size_bytes'] / 1024:.0f} KiB)"
@@ -311,7 +491,7 @@ def _diff_line(name: str, old_entry: Optional[dict], new_entry: dict, old_path: 
     changed = [k for k, v in new_entry["tensors"].items() if old_entry.get("tensors", {}).get(k, {}).get("sha256") != v["sha256"]]
     detail = ", ".join(changed) if changed else "metadata"
     extra = ""
-    if "expected.output" in changed and old_path.exists():
+    if "expected.output" in changed and old_path.is_file():
         try:
             with safe_open(str(old_path), framework="pt") as f:
                 old = f.get_tensor("expected.output")
@@ -323,75 +503,127 @@ def _diff_line(name: str, old_entry: Optional[dict], new_entry: dict, old_path: 
     return f"  changed    {name}: {detail}{extra}"
 
 
-def regen(names: Optional[Iterable[str]] = None, root: Optional[Path] = None, out=None,
-          check_only: bool = False) -> int:
-    """Regenerate stored goldens. Returns the number of cases that changed."""
-    out = out or sys.stdout
+def _store_root(root: Optional[Path]) -> Path:
     root = root or golden_dir()
+    if root.exists() and not root.is_dir():
+        raise GoldenError(f"golden dir {root} is not a directory (set ATTNCHECK_GOLDEN_DIR to a golden store)")
+    return root
+
+
+def regen(names: Optional[Iterable[str]] = None, root: Optional[Path] = None, out=None,
+          check_only: bool = False, prune: bool = False) -> int:
+    """Regenerate stored goldens, all or nothing. Returns the number of cases that changed
+    (or would change). Refuses a store whose manifest it cannot read. Deletes stale case files
+    and orphans only with ``prune``; otherwise says what it would delete and keeps them."""
+    out = out or sys.stdout
+    root = _store_root(root)
     if os.environ.get("PYTEST_XDIST_WORKER") and root.resolve() == golden_dir().resolve():
         raise GoldenError("golden regen must run in a single process, not inside a pytest-xdist worker")
-    from filelock import FileLock
-
-    root.mkdir(parents=True, exist_ok=True)
     todo = stored_cases()
     if names:
         wanted = set(names)
         unknown = wanted - {c.name for c in todo}
         if unknown:
-            raise GoldenError(f"unknown stored case(s): {sorted(unknown)}")
+            raise GoldenError(f"--case: unknown stored case(s) {sorted(unknown)}; `attncheck cases` lists them")
         todo = [c for c in todo if c.name in wanted]
-    with FileLock(str(root / ".lock")):
-        try:
-            old_manifest = read_manifest(root)
-        except GoldenError:
-            old_manifest = {"cases": {}}
-        old_entries = old_manifest.get("cases", {})
-        new_entries = dict(old_entries) if names else {}
-        blobs = {}
-        changed = 0
-        prov = provenance()
-        for case in sorted(todo, key=lambda c: c.name):
-            first = generate(case)
-            blob1, entry = serialize(case, first)
-            second = generate(case)
-            blob2, entry2 = serialize(case, second)
-            if blob1 != blob2:
-                differ = [k for k in entry["tensors"] if entry2["tensors"].get(k, {}).get("sha256") != entry["tensors"][k]["sha256"]]
-                raise GoldenError(f"case {case.name}: two generations differ byte-wise in {differ or 'metadata'} "
-                                  "(non-deterministic generator); nothing was written")
-            entry["provenance"] = prov
-            entry["rule"] = case_module(case).rule_factors(case)
-            line = _diff_line(case.name, old_entries.get(case.name), entry, case_path(case, root), first)
-            print(line, file=out)
-            if not line.lstrip().startswith("unchanged"):
-                changed += 1
-            blobs[case.name] = (case, blob1)
-            new_entries[case.name] = entry
-        removed = sorted(set(old_entries) - set(new_entries)) if not names else []
-        for name in removed:
-            print(f"  removed    {name}", file=out)
+    if check_only:
+        _refuse_pending_regen(root)
+        return _regen_locked(todo, bool(names), root, out, True, prune)
+    if (root / MANIFEST_NAME).exists() and not (root / JOURNAL_NAME).exists():
+        read_manifest(root)  # refuse an unreadable store before touching anything (not even the lock)
+    from filelock import FileLock
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(root / ".lock"))
+        lock.acquire()
+    except OSError as e:
+        raise GoldenError(f"golden dir {root}: cannot lock it for writing ({e.strerror or e})") from None
+    try:
+        for action in _recover_locked(root):
+            print(f"  {action}", file=out)
+        return _regen_locked(todo, bool(names), root, out, False, prune)
+    finally:
+        lock.release()
+
+
+def _regen_locked(todo: list, partial: bool, root: Path, out, check_only: bool, prune: bool) -> int:
+    manifest_path = root / MANIFEST_NAME
+    if manifest_path.exists() or manifest_path.is_symlink():
+        old_entries = read_manifest(root)["cases"]  # unreadable: GoldenError, nothing touched
+    else:
+        old_entries = {}  # a new store
+    new_entries = dict(old_entries) if partial else {}
+    blobs = {}
+    changed = 0
+    prov = provenance()
+    for case in sorted(todo, key=lambda c: c.name):
+        first = generate(case)
+        blob1, entry = serialize(case, first)
+        second = generate(case)
+        blob2, entry2 = serialize(case, second)
+        if blob1 != blob2:
+            differ = [k for k in entry["tensors"] if entry2["tensors"].get(k, {}).get("sha256") != entry["tensors"][k]["sha256"]]
+            raise GoldenError(f"case {case.name}: two generations differ byte-wise in {differ or 'metadata'} "
+                              "(non-deterministic generator); nothing was written")
+        entry["provenance"] = prov
+        entry["rule"] = case_module(case).rule_factors(case)
+        line = _diff_line(case.name, old_entries.get(case.name), entry, case_path(case, root), first)
+        print(line, file=out)
+        if not line.lstrip().startswith("unchanged"):
             changed += 1
-        if check_only:
-            return changed
-        for name, (case, blob) in blobs.items():
-            path = case_path(case, root)
-            if not path.exists() or _sha(path.read_bytes()) != new_entries[name]["file_sha256"]:
-                _atomic_write(path, blob)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "reference_version": REFERENCE_VERSION,
-            "conventions": CONVENTIONS,
-            "regenerate_with": "attncheck golden regen",
-            "cases": {k: new_entries[k] for k in sorted(new_entries)},
-        }
-        _atomic_write(root / MANIFEST_NAME, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        for name in removed:
-            p = root / old_entries[name].get("path", "")
-            if p.is_file():
-                p.unlink()
-        listed = {(root / e["path"]).resolve() for e in new_entries.values()} | set(stored_models(root))
-        for f in root.rglob("*.safetensors"):
-            if f.resolve() not in listed:
-                print(f"  orphan removed: {f}", file=out)
-                f.unlink()
+        blobs[entry["path"]] = blob1
+        new_entries[case.name] = entry
+
+    # What a full regen leaves behind: cases no longer in the catalogue, and case files that no
+    # manifest entry names. Deleted only with --prune; a file written in this run is never here.
+    stale = sorted(set(old_entries) - set(new_entries)) if not partial else []
+    keep = {**new_entries, **({} if prune else {n: old_entries[n] for n in stale})}
+    listed = {(root / e["path"]).resolve() for e in {**new_entries, **old_entries}.values()}
+    kept_paths = {(root / e["path"]).resolve() for e in keep.values()}
+    stale_files = [root / old_entries[n]["path"] for n in stale if (root / old_entries[n]["path"]).is_file()]
+    orphans = _stray_files(root, listed)
+    for name in stale:
+        print(f"  {'removed   ' if prune else 'stale     '} {name} (not in the catalogue)", file=out)
+    changed += len(stale) + len(orphans)
+    verb = "would delete" if check_only or not prune else "delete"
+    for f in stale_files + orphans:
+        why = "stale case" if f in stale_files else "orphan: in no manifest entry"
+        print(f"  {verb} {f} ({why}{'' if prune else '; pass --prune to delete it'})", file=out)
+    if check_only:
+        return changed
+
+    to_delete = [f.relative_to(root).as_posix() for f in stale_files + orphans
+                 if prune and f.resolve() not in kept_paths]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "reference_version": REFERENCE_VERSION,
+        "conventions": CONVENTIONS,
+        "regenerate_with": "attncheck golden regen",
+        "cases": {k: keep[k] for k in sorted(keep)},
+    }
+    manifest_bytes = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    wanted = {**blobs, MANIFEST_NAME: manifest_bytes}  # the manifest last: dicts keep insertion order
+    for rel in wanted:
+        if (root / rel).exists() and not (root / rel).is_file():
+            raise GoldenError(f"{root / rel} is not a regular file; move it away (nothing was written)")
+    writes = {rel: data for rel, data in wanted.items()
+              if not (root / rel).is_file() or _read_bytes(root / rel) != data}
+    if not writes and not to_delete:
+        return changed
+    renames = []
+    try:
+        for rel, data in writes.items():
+            target = Path(rel)
+            staged = target.parent / f".{target.name}{_STAGED_SUFFIX}"
+            renames.append([staged.as_posix(), target.as_posix()])
+            _write_new_file(root / staged, data)
+    except BaseException:
+        for staged, _ in renames:
+            if (root / staged).exists():
+                os.unlink(root / staged)
+        raise
+    # The commit point: once the journal exists the regen will be completed, before it nothing changed.
+    journal = {"renames": renames, "deletes": to_delete}
+    _atomic_write(root / JOURNAL_NAME, json.dumps(journal, indent=1).encode())
+    _apply_journal(root, journal)
     return changed

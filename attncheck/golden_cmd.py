@@ -14,6 +14,8 @@ def register(subparsers) -> None:
     r = gsub.add_parser("regen", help="regenerate goldens (single process, twice, atomic)")
     r.add_argument("--case", nargs="+", default=None, metavar="NAME", help="only these cases")
     r.add_argument("--check", action="store_true", help="report the diff, write nothing; exit 1 if anything changed")
+    r.add_argument("--prune", action="store_true",
+                   help="delete stale case files and orphans (without it regen only lists them)")
     r.set_defaults(func=regen)
     v = gsub.add_parser("verify", help="check hashes, schema, missing and orphan files")
     v.set_defaults(func=verify)
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
 
 def regen(args) -> int:
     try:
-        changed = golden.regen(names=args.case or None, check_only=args.check)
+        changed = golden.regen(names=args.case or None, check_only=args.check, prune=args.prune)
     except golden.GoldenError as e:
         print(f"attncheck golden regen: {e}", file=sys.stderr)
         return 2
@@ -30,6 +32,12 @@ def regen(args) -> int:
 
 
 def verify(args) -> int:
+    try:
+        for action in golden.recover():
+            print(f"golden: {action}")
+    except golden.GoldenError as e:
+        print(f"attncheck golden verify: {e}", file=sys.stderr)
+        return 1
     problems = golden.verify()
     if problems:
         for p in problems:

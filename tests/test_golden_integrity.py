@@ -2,7 +2,11 @@
 regen is deterministic, atomic and refuses non-determinism."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +159,178 @@ def test_stored_inputs_equal_regenerated_inputs():
     fresh = golden.generate(case)
     for k in ("query", "key", "value", "block_table", "slot_mapping"):
         assert torch.equal(stored[k], fresh[k]), k
+
+
+# ---- a store regen cannot read is refused; nothing it did not write is deleted without --prune ----
+
+def _files(root):
+    """Every file under the store with its bytes (hidden ones too: staged, journal, temp)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:300])
+
+
+MANIFEST_DAMAGE = {
+    "truncated": _truncate,
+    "random-bytes": lambda p: p.write_bytes(bytes(range(256)) * 4),
+    "a-list": lambda p: p.write_text("[]"),
+    "cases-a-list": lambda p: p.write_text('{"cases": []}'),
+    "full-manifest-cases-a-list": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "cases": []})),
+    "wrong-schema": lambda p: p.write_text(p.read_text().replace('"schema_version": 1', '"schema_version": 99')),
+    "entry-without-path": lambda p: p.write_text(json.dumps(
+        {**json.loads(p.read_text()), "cases": {"x": {"kind": "MHA"}}})),
+    "a-directory": lambda p: (p.unlink(), p.mkdir()),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(MANIFEST_DAMAGE))
+@pytest.mark.parametrize("check_only", [False, True], ids=["write", "check"])
+def test_regen_refuses_a_manifest_it_cannot_read_and_changes_nothing(store_copy, damage, check_only):
+    MANIFEST_DAMAGE[damage](store_copy / golden.MANIFEST_NAME)
+    before = _files(store_copy)
+    with pytest.raises(golden.GoldenError, match="MANIFEST.json") as e:
+        golden.regen(names=[_some_case().name], root=store_copy, check_only=check_only)
+    assert "\n" not in str(e.value)
+    assert _files(store_copy) == before
+
+
+@pytest.fixture
+def two_case_catalogue(monkeypatch):
+    """The catalogue shrinks to two cases whose goldens come from the committed store (fast), so
+    every other stored case is stale and its file would be deleted by a full regen."""
+    names = ["decode-h8x2-d64-bs16-bf16", "merge-finite-fp32-h4-d64"]
+    monkeypatch.setattr(golden, "stored_cases", lambda: [cases.get_case(n) for n in names])
+    committed = golden.golden_dir()
+    monkeypatch.setattr(golden, "generate", lambda case: golden.load(case, committed))
+    return names
+
+
+@pytest.mark.parametrize("check_only", [False, True], ids=["write", "check"])
+def test_regen_without_prune_deletes_nothing_and_says_what_it_would_delete(store_copy, two_case_catalogue,
+                                                                           check_only, capsys):
+    (store_copy / "mha" / "stray.safetensors").write_bytes(b"not a golden")
+    golden_files = sorted(p for p in _files(store_copy) if p.endswith(".safetensors"))
+    before = _files(store_copy)
+    golden.regen(root=store_copy, check_only=check_only)
+    out = capsys.readouterr().out
+    after = _files(store_copy)
+    assert sorted(p for p in after if p.endswith(".safetensors")) == golden_files
+    assert {p: b for p, b in after.items() if p.endswith(".safetensors")} == \
+           {p: b for p, b in before.items() if p.endswith(".safetensors")}
+    would_delete = [line for line in out.splitlines() if "would delete" in line]
+    assert len(would_delete) == len(golden_files) - len(two_case_catalogue)
+    assert all("pass --prune to delete it" in line for line in would_delete)
+    assert any("stray.safetensors (orphan" in line for line in would_delete)
+    if check_only:
+        assert after == before
+
+
+def test_regen_with_a_missing_manifest_keeps_every_other_file(store_copy, capsys):
+    """The issue's probe with the manifest gone instead of truncated: a one-case regen writes
+    that case and a new manifest, and lists (does not delete) the other files."""
+    (store_copy / golden.MANIFEST_NAME).unlink()
+    before = {p for p in _files(store_copy) if p.endswith(".safetensors")}
+    golden.regen(names=[_some_case().name], root=store_copy)
+    assert {p for p in _files(store_copy) if p.endswith(".safetensors")} == before
+    assert capsys.readouterr().out.count("would delete") == len(before) - 1
+
+
+def test_regen_with_prune_deletes_stale_cases_and_orphans(store_copy, two_case_catalogue, capsys):
+    (store_copy / "mha" / "stray.safetensors").write_bytes(b"not a golden")
+    golden.regen(root=store_copy, prune=True)
+    assert sorted(p for p in _files(store_copy) if p.endswith(".safetensors")) == \
+        sorted(golden.case_path(cases.get_case(n), Path(".")).as_posix() for n in two_case_catalogue)
+    assert "delete " in capsys.readouterr().out
+    assert golden.verify(store_copy) == []
+
+
+# ---- all or nothing ---------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill driver forks one child per kill point")
+def test_a_kill_after_any_file_operation_of_regen_leaves_the_old_or_the_new_store(tmp_path):
+    """tests/golden_kill_regen.py enumerates every file operation a regen makes on a small store,
+    then SIGKILLs a regen right after each one in turn; after `recover` (what `attncheck golden
+    verify` runs first) the store must verify and be byte-identical to the old or the new store."""
+    result_path = tmp_path / "result.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
+    r = subprocess.run([sys.executable, "-m", "tests.golden_kill_regen", str(tmp_path), str(result_path)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(result_path.read_text())
+    events, points = result["events"], result["points"]
+    assert result["new_problems"] == [] and result["old_files"] != result["new_files"]
+    # The enumeration covers every kind of write a regen makes: staged files written and flushed,
+    # the journal committed, each new file and the manifest renamed into place, a stale file deleted.
+    for needle in ("write mha/.decode-h8x2-d64-bs16-bf16.safetensors.staged", "fsync .MANIFEST.json.staged",
+                   "replace mla/.mla-decode-h16-mini-bs16-bf16.safetensors.staged -> mla/",
+                   "-> .regen-journal.json", "replace .MANIFEST.json.staged -> MANIFEST.json",
+                   "unlink merge/merge-prefix-posinf-bf16-h4-d64.safetensors", "unlink .regen-journal.json"):
+        assert any(needle in e for e in events), (needle, events)
+    assert len(points) == len(events)
+    for point in points:
+        assert point["killed"], point
+        assert point["state"] in ("old", "new"), point
+        assert point["problems"] == [], point
+    states = [p["state"] for p in points]
+    first_new = states.index("new")
+    assert "old" in states and states[first_new:] == ["new"] * (len(states) - first_new)
+    assert "-> .regen-journal.json" in events[first_new]  # the journal's rename is the commit point
+
+
+def test_pending_journal_blocks_reads_until_recovered(store_copy):
+    (store_copy / golden.JOURNAL_NAME).write_text(json.dumps({"renames": [], "deletes": []}))
+    with pytest.raises(golden.GoldenError, match="interrupted regen is pending"):
+        golden.load(_some_case(), store_copy)
+    assert any("interrupted regen is pending" in p for p in golden.verify(store_copy))
+    assert golden.recover(store_copy) and golden.verify(store_copy) == []
+
+
+def test_a_damaged_journal_is_a_one_line_error(store_copy):
+    (store_copy / golden.JOURNAL_NAME).write_bytes(b"\x00garbage")
+    with pytest.raises(golden.GoldenError, match="is not a regen journal") as e:
+        golden.recover(store_copy)
+    assert "\n" not in str(e.value)
+
+
+# ---- verify: every unreadable store is a one-line problem, never an exception --------------------
+
+def _case_file_is_a_directory(root):
+    path = golden.case_path(_some_case(), root)
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("a-list", "expected a JSON object"),
+    ("cases-a-list", "missing top-level key 'schema_version' (and 3 more)"),
+    ("full-manifest-cases-a-list", "'cases' must be an object mapping case name to entry, got a list"),
+    ("random-bytes", "got binary data"),
+    ("truncated", "is not valid JSON"),
+    ("a-directory", "Is a directory"),
+    ("wrong-schema", "schema_version 99, expected 1"),
+])
+def test_verify_reports_an_unreadable_manifest_in_one_line(store_copy, damage, needle):
+    MANIFEST_DAMAGE[damage](store_copy / golden.MANIFEST_NAME)
+    problems = golden.verify(store_copy)
+    assert len(problems) == 1 and needle in problems[0] and "MANIFEST.json" in problems[0], problems
+
+
+def test_verify_reports_a_case_path_that_is_a_directory(store_copy):
+    _case_file_is_a_directory(store_copy)
+    problems = golden.verify(store_copy)
+    assert problems == [f"case {_some_case().name}: golden file {golden.case_path(_some_case(), store_copy)} "
+                        "is a directory, expected a safetensors file"]
+
+
+@pytest.mark.parametrize("make", ["missing", "a-file"])
+def test_verify_reports_a_golden_dir_that_is_not_a_directory(tmp_path, make):
+    root = tmp_path / "golden"
+    if make == "a-file":
+        root.write_text("x")
+    problems = golden.verify(root)
+    assert len(problems) == 1 and str(root) in problems[0] and "ATTNCHECK_GOLDEN_DIR" in problems[0]
