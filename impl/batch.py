@@ -28,6 +28,8 @@ cases that test a backend's own unordered-batch error).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,6 +55,18 @@ def _check_index_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
     _need(isinstance(t, torch.Tensor), f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     _need(t.dtype in (torch.int32, torch.int64), f"{name}: expected int32 or int64, got {t.dtype}")
     _need(t.dim() == ndim, f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
+    _need(isinstance(t, torch.Tensor), f"{name}: expected a torch.Tensor {shape_doc}, got {type(t).__name__}")
+    _need(t.dim() == ndim, f"{name}: expected {shape_doc}, got shape {tuple(t.shape)}")
+
+
+def _check_positive_number(name: str, x) -> None:
+    """A real, finite, strictly positive number (softmax and fp8 scales, softcap)."""
+    _need(isinstance(x, numbers.Real) and not isinstance(x, bool),
+          f"{name}: expected a positive finite number, got {type(x).__name__} {x!r}")
+    _need(math.isfinite(x) and x > 0, f"{name}: expected a positive finite number, got {x!r}")
 
 
 def classify_rows(query_lens: list[int], seq_lens: list[int]) -> list[str]:
@@ -103,8 +117,11 @@ class _PagedBatch:
     def to(self, device):
         return self._map_tensors(lambda t: t.to(device))
 
-    def _validate_sequences(self, num_tokens: int, num_blocks: int, block_size: int, allow_unordered: bool) -> None:
-        """query_start_loc / seq_lens / block_table / slot_mapping against each other."""
+    def _validate_sequences(self, num_tokens: int, cache_name: str, allow_unordered: bool) -> None:
+        """query_start_loc / seq_lens / block_table / slot_mapping against each other and the cache."""
+        num_blocks, block_size = getattr(self, cache_name).shape[:2]
+        _need(block_size >= 1, f"{cache_name}: block_size (dim 1) must be >= 1, got shape "
+                               f"{tuple(getattr(self, cache_name).shape)}")
         for name, t, nd in (("query_start_loc", self.query_start_loc, 1), ("seq_lens", self.seq_lens, 1),
                             ("block_table", self.block_table, 2), ("slot_mapping", self.slot_mapping, 1)):
             _check_index_tensor(name, t, nd)
@@ -138,6 +155,23 @@ class _PagedBatch:
         sm = self.slot_mapping
         _need(int(sm.min()) >= 0 and int(sm.max()) < num_blocks * block_size,
               f"slot_mapping: slots must lie in [0, {num_blocks * block_size}), got {int(sm.min())}..{int(sm.max())}")
+        # Each new token goes to its own position in its own sequence's blocks; anything else
+        # (a duplicate, a slot in another sequence's block) makes the cache write overwrite keys.
+        slots = sm.tolist()
+        seen: dict = {}
+        for t, slot in enumerate(slots):
+            _need(slot not in seen, f"slot_mapping: tokens {seen.get(slot)} and {t} both write slot {slot}; "
+                                    "each new token needs its own slot")
+            seen[slot] = t
+        table = self.block_table.tolist()
+        for b in range(B):
+            context = slens[b] - qlens[b]
+            for i in range(qlens[b]):
+                t, pos = qsl[b] + i, context + i
+                want = table[b][pos // block_size] * block_size + pos % block_size
+                _need(slots[t] == want,
+                      f"slot_mapping: token {t} (sequence {b}, position {pos}) must write slot {want} "
+                      f"(block_table[{b}, {pos // block_size}] * {block_size} + {pos % block_size}), got {slots[t]}")
         if not allow_unordered:
             check_vllm_order(self.row_kinds())
 
@@ -212,24 +246,23 @@ class AttentionBatch(_PagedBatch):
                   f"{name}: expected [num_blocks, block_size, {Hkv}, {D}] (NHD), got {tuple(c.shape)}")
         _need(self.key_cache.shape == self.value_cache.shape,
               f"value_cache: shape {tuple(self.value_cache.shape)} differs from key_cache")
-        if self.kv_cache_dtype == "auto":
-            _need(self.key_cache.dtype == q.dtype and self.value_cache.dtype == q.dtype,
-                  f"key_cache/value_cache: kv_cache_dtype 'auto' needs the model dtype {q.dtype}, "
-                  f"got {self.key_cache.dtype}")
-        else:
-            _need(self.kv_cache_dtype in FP8_DTYPES,
-                  f"kv_cache_dtype: expected 'auto', 'fp8_e4m3fn' or 'fp8_e4m3fnuz', got {self.kv_cache_dtype!r}")
-            want = FP8_DTYPES[self.kv_cache_dtype]
-            _need(self.key_cache.dtype == want and self.value_cache.dtype == want,
-                  f"key_cache/value_cache: kv_cache_dtype {self.kv_cache_dtype} needs dtype {want}, "
-                  f"got {self.key_cache.dtype}")
-            _need(self.k_scale > 0 and self.v_scale > 0, "k_scale/v_scale: must be positive")
+        _need(self.kv_cache_dtype == "auto" or self.kv_cache_dtype in FP8_DTYPES,
+              f"kv_cache_dtype: expected 'auto', 'fp8_e4m3fn' or 'fp8_e4m3fnuz', got {self.kv_cache_dtype!r}")
+        want = q.dtype if self.kv_cache_dtype == "auto" else FP8_DTYPES[self.kv_cache_dtype]
+        for name, c in (("key_cache", self.key_cache), ("value_cache", self.value_cache)):
+            _need(c.dtype == want, f"{name}: kv_cache_dtype {self.kv_cache_dtype!r} needs dtype {want} "
+                                   f"(the {'model' if self.kv_cache_dtype == 'auto' else 'fp8'} dtype), got {c.dtype}")
+        _check_positive_number("scale", self.scale)
+        _check_positive_number("k_scale", self.k_scale)
+        _check_positive_number("v_scale", self.v_scale)
 
-        self._validate_sequences(T, self.key_cache.shape[0], self.key_cache.shape[1], allow_unordered)
+        self._validate_sequences(T, "key_cache", allow_unordered)
         if self.sliding_window is not None:
-            _need(int(self.sliding_window) >= 1, f"sliding_window: must be >= 1 keys, got {self.sliding_window}")
+            w = self.sliding_window
+            _need(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1,
+                  f"sliding_window: expected a whole number of keys >= 1 (or None), got {w!r}")
         if self.softcap is not None:
-            _need(self.softcap > 0, f"softcap: must be > 0 (or None), got {self.softcap}")
+            _check_positive_number("softcap", self.softcap)
         for name, t in (("alibi_slopes", self.alibi_slopes), ("sinks", self.sinks)):
             if t is not None:
                 _need(t.shape == (Hq,) and t.dtype == torch.float32,
@@ -297,9 +330,15 @@ class MLABatch(_PagedBatch):
 
     def validate(self, allow_unordered: bool = False) -> "MLABatch":
         qn, qp = self.q_nope, self.q_pe
-        _need(qn.dim() == 3 and qp.dim() == 3, "q_nope/q_pe: expected [tokens, heads, dim]")
-        _need(qn.dtype in (torch.float16, torch.bfloat16, torch.float32),
-              f"q_nope: dtype must be float16/bfloat16/float32, got {qn.dtype}")
+        for name, ndim, doc in (("q_nope", 3, "[tokens, heads, P]"), ("q_pe", 3, "[tokens, heads, R]"),
+                                ("kv_c", 2, "[tokens, L]"), ("k_pe", 2, "[tokens, R]"),
+                                ("kv_cache", 3, "[num_blocks, block_size, L + R]"), ("w_uk", 3, "[L, heads, P]"),
+                                ("w_uv", 3, "[L, heads, V]")):
+            _check_tensor(name, getattr(self, name), ndim, doc)
+        _need(qn.dtype in MODEL_DTYPES, f"q_nope: dtype must be float16/bfloat16/float32, got {qn.dtype}")
+        for name in ("q_pe", "kv_c", "k_pe", "w_uk", "w_uv"):
+            dt = getattr(self, name).dtype
+            _need(dt == qn.dtype, f"{name}: dtype must equal q_nope's {qn.dtype}, got {dt}")
         T, N, P = qn.shape
         _need(qp.shape[:2] == (T, N), f"q_pe: expected [{T}, {N}, R], got {tuple(qp.shape)}")
         R = qp.shape[2]
@@ -321,5 +360,7 @@ class MLABatch(_PagedBatch):
             _need(self.kv_cache.dtype == FP8_DTYPES[self.kv_cache_dtype],
                   f"kv_cache: kv_cache_dtype {self.kv_cache_dtype} needs dtype "
                   f"{FP8_DTYPES[self.kv_cache_dtype]}, got {self.kv_cache.dtype}")
-        self._validate_sequences(T, self.kv_cache.shape[0], self.kv_cache.shape[1], allow_unordered)
+        _check_positive_number("scale", self.scale)
+        _check_positive_number("kv_scale", self.kv_scale)
+        self._validate_sequences(T, "kv_cache", allow_unordered)
         return self
