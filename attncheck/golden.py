@@ -4,8 +4,9 @@
   prints a per-case diff against what is on disk, and replaces the store all or nothing (staged
   files + a journal, under a file lock; see "regen: all or nothing" below). It refuses a store
   whose manifest it cannot read, and deletes stale or orphan case files only with ``prune``.
-* ``verify`` checks the manifest schema, every file's and every tensor's sha256, that no file
-  is missing or orphaned, and that the manifest matches the catalogue; ``recover`` first
+* ``verify`` checks the manifest schema, every file's and every tensor's sha256, that every
+  stored batch satisfies the batch contract, that no file is missing or orphaned, and that the
+  manifest matches the catalogue; ``recover`` first
   completes (or discards) an interrupted regen.
 * ``load`` reads a case read-only (xdist workers need no locks); the file hash is checked once
   per process.
@@ -278,6 +279,10 @@ def load(case, root: Optional[Path] = None, check_hash: bool = True) -> dict:
             raise GoldenError(f"golden file {path} fails its hash (sha256 {digest[:12]}..., manifest "
                               f"{entry['file_sha256'][:12]}...): {_which_tensors_differ(path, entry)}")
         _VERIFIED[key] = True
+    return _read_tensors(path, entry)
+
+
+def _read_tensors(path: Path, entry: dict) -> dict:
     out = {}
     with safe_open(str(path), framework="pt") as f:
         for name in f.keys():
@@ -287,6 +292,22 @@ def load(case, root: Optional[Path] = None, check_hash: bool = True) -> dict:
                 t = t.view(_LOGICAL[logical])
             out[name] = t
     return out
+
+
+def _stored_batch_problem(case, path: Path, entry: dict) -> Optional[str]:
+    """A stored MHA/MLA case must hold a batch that satisfies the batch contract (impl.batch)."""
+    module = case_module(case)
+    if not hasattr(module, "batch_from_tensors"):
+        return None
+    from impl.batch import BatchError
+    try:
+        batch = module.batch_from_tensors(case, _read_tensors(path, entry), "cpu")
+        batch.validate(allow_unordered=getattr(case, "unordered", False))
+    except BatchError as e:
+        return f"case {case.name}: the stored batch is invalid: {e}"
+    except Exception as e:  # a missing or misshapen tensor
+        return f"case {case.name}: the stored tensors do not form a batch ({type(e).__name__}: {e})"
+    return None
 
 
 def _which_tensors_differ(path: Path, entry: dict) -> str:
@@ -361,6 +382,8 @@ def verify(root: Optional[Path] = None) -> list[str]:
             meta = json.loads((f.metadata() or {}).get("attncheck", "{}"))
         if meta.get("case_id") != name:
             problems.append(f"case {name}: file metadata names case {meta.get('case_id')!r}")
+        elif case is not None and (batch_problem := _stored_batch_problem(case, path, entry)):
+            problems.append(batch_problem)
     try:
         models = stored_models(root)
     except GoldenError as e:
@@ -467,6 +490,8 @@ def recover(root: Optional[Path] = None) -> list[str]:
     root = root or golden_dir()
     if not root.is_dir() or not ((root / JOURNAL_NAME).exists() or _leftovers(root)):
         return []
+    if (root / JOURNAL_NAME).exists():
+        _read_journal(root)  # a damaged journal: refuse before touching anything (not even the lock)
     from filelock import FileLock
     with FileLock(str(root / ".lock")):
         return _recover_locked(root)
@@ -529,8 +554,11 @@ def regen(names: Optional[Iterable[str]] = None, root: Optional[Path] = None, ou
     if check_only:
         _refuse_pending_regen(root)
         return _regen_locked(todo, bool(names), root, out, True, prune)
-    if (root / MANIFEST_NAME).exists() and not (root / JOURNAL_NAME).exists():
-        read_manifest(root)  # refuse an unreadable store before touching anything (not even the lock)
+    # Refuse an unreadable store before touching anything (not even the lock).
+    if (root / JOURNAL_NAME).exists():
+        _read_journal(root)
+    elif (root / MANIFEST_NAME).exists():
+        read_manifest(root)
     from filelock import FileLock
     try:
         root.mkdir(parents=True, exist_ok=True)

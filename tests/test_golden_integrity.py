@@ -3,7 +3,6 @@ regen is deterministic, atomic and refuses non-determinism."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from attncheck import cases, golden
+from tests.store_damage import MANIFEST_DAMAGE, copy_store, files, rewrite_case
 
 pytestmark = pytest.mark.smoke
 
@@ -37,9 +37,7 @@ def test_manifest_is_sorted_and_records_conventions_and_provenance():
 
 @pytest.fixture
 def store_copy(tmp_path):
-    root = tmp_path / "golden"
-    shutil.copytree(golden.golden_dir(), root, ignore=shutil.ignore_patterns(".lock"))
-    return root
+    return copy_store(tmp_path / "golden")
 
 
 def _some_case():
@@ -163,37 +161,15 @@ def test_stored_inputs_equal_regenerated_inputs():
 
 # ---- a store regen cannot read is refused; nothing it did not write is deleted without --prune ----
 
-def _files(root):
-    """Every file under the store with its bytes (hidden ones too: staged, journal, temp)."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _truncate(path):
-    path.write_bytes(path.read_bytes()[:300])
-
-
-MANIFEST_DAMAGE = {
-    "truncated": _truncate,
-    "random-bytes": lambda p: p.write_bytes(bytes(range(256)) * 4),
-    "a-list": lambda p: p.write_text("[]"),
-    "cases-a-list": lambda p: p.write_text('{"cases": []}'),
-    "full-manifest-cases-a-list": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "cases": []})),
-    "wrong-schema": lambda p: p.write_text(p.read_text().replace('"schema_version": 1', '"schema_version": 99')),
-    "entry-without-path": lambda p: p.write_text(json.dumps(
-        {**json.loads(p.read_text()), "cases": {"x": {"kind": "MHA"}}})),
-    "a-directory": lambda p: (p.unlink(), p.mkdir()),
-}
-
-
 @pytest.mark.parametrize("damage", sorted(MANIFEST_DAMAGE))
 @pytest.mark.parametrize("check_only", [False, True], ids=["write", "check"])
 def test_regen_refuses_a_manifest_it_cannot_read_and_changes_nothing(store_copy, damage, check_only):
     MANIFEST_DAMAGE[damage](store_copy / golden.MANIFEST_NAME)
-    before = _files(store_copy)
+    before = files(store_copy)
     with pytest.raises(golden.GoldenError, match="MANIFEST.json") as e:
         golden.regen(names=[_some_case().name], root=store_copy, check_only=check_only)
     assert "\n" not in str(e.value)
-    assert _files(store_copy) == before
+    assert files(store_copy) == before
 
 
 @pytest.fixture
@@ -211,11 +187,11 @@ def two_case_catalogue(monkeypatch):
 def test_regen_without_prune_deletes_nothing_and_says_what_it_would_delete(store_copy, two_case_catalogue,
                                                                            check_only, capsys):
     (store_copy / "mha" / "stray.safetensors").write_bytes(b"not a golden")
-    golden_files = sorted(p for p in _files(store_copy) if p.endswith(".safetensors"))
-    before = _files(store_copy)
+    golden_files = sorted(p for p in files(store_copy) if p.endswith(".safetensors"))
+    before = files(store_copy)
     golden.regen(root=store_copy, check_only=check_only)
     out = capsys.readouterr().out
-    after = _files(store_copy)
+    after = files(store_copy)
     assert sorted(p for p in after if p.endswith(".safetensors")) == golden_files
     assert {p: b for p, b in after.items() if p.endswith(".safetensors")} == \
            {p: b for p, b in before.items() if p.endswith(".safetensors")}
@@ -231,16 +207,16 @@ def test_regen_with_a_missing_manifest_keeps_every_other_file(store_copy, capsys
     """The issue's probe with the manifest gone instead of truncated: a one-case regen writes
     that case and a new manifest, and lists (does not delete) the other files."""
     (store_copy / golden.MANIFEST_NAME).unlink()
-    before = {p for p in _files(store_copy) if p.endswith(".safetensors")}
+    before = {p for p in files(store_copy) if p.endswith(".safetensors")}
     golden.regen(names=[_some_case().name], root=store_copy)
-    assert {p for p in _files(store_copy) if p.endswith(".safetensors")} == before
+    assert {p for p in files(store_copy) if p.endswith(".safetensors")} == before
     assert capsys.readouterr().out.count("would delete") == len(before) - 1
 
 
 def test_regen_with_prune_deletes_stale_cases_and_orphans(store_copy, two_case_catalogue, capsys):
     (store_copy / "mha" / "stray.safetensors").write_bytes(b"not a golden")
     golden.regen(root=store_copy, prune=True)
-    assert sorted(p for p in _files(store_copy) if p.endswith(".safetensors")) == \
+    assert sorted(p for p in files(store_copy) if p.endswith(".safetensors")) == \
         sorted(golden.case_path(cases.get_case(n), Path(".")).as_posix() for n in two_case_catalogue)
     assert "delete " in capsys.readouterr().out
     assert golden.verify(store_copy) == []
@@ -318,6 +294,18 @@ def test_verify_reports_an_unreadable_manifest_in_one_line(store_copy, damage, n
     MANIFEST_DAMAGE[damage](store_copy / golden.MANIFEST_NAME)
     problems = golden.verify(store_copy)
     assert len(problems) == 1 and needle in problems[0] and "MANIFEST.json" in problems[0], problems
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda t: t["block_table"].__setitem__((1, 0), 10_000), "block_table: sequence 1 uses block 10000, out of range"),
+    (lambda t: t["slot_mapping"].__setitem__(1, int(t["slot_mapping"][0])), "slot_mapping: tokens 0 and 1 both write"),
+    (lambda t: t.pop("query"), "do not form a batch (KeyError: 'query')"),
+])
+def test_verify_reports_a_stored_batch_that_breaks_the_batch_contract(store_copy, mutate, needle):
+    name = "mixed-h8x2-d64-bs16-bf16"
+    rewrite_case(store_copy, name, mutate)
+    problems = golden.verify(store_copy)
+    assert len(problems) == 1 and problems[0].startswith(f"case {name}: ") and needle in problems[0], problems
 
 
 def test_verify_reports_a_case_path_that_is_a_directory(store_copy):
