@@ -553,7 +553,7 @@ def regen(names: Optional[Iterable[str]] = None, root: Optional[Path] = None, ou
         todo = [c for c in todo if c.name in wanted]
     if check_only:
         _refuse_pending_regen(root)
-        return _regen_locked(todo, bool(names), root, out, True, prune)
+        return _regenerate(todo, bool(names), root, out, True, prune)
     # Refuse an unreadable store before touching anything (not even the lock).
     if (root / JOURNAL_NAME).exists():
         _read_journal(root)
@@ -569,12 +569,12 @@ def regen(names: Optional[Iterable[str]] = None, root: Optional[Path] = None, ou
     try:
         for action in _recover_locked(root):
             print(f"  {action}", file=out)
-        return _regen_locked(todo, bool(names), root, out, False, prune)
+        return _regenerate(todo, bool(names), root, out, False, prune)
     finally:
         lock.release()
 
 
-def _regen_locked(todo: list, partial: bool, root: Path, out, check_only: bool, prune: bool) -> int:
+def _regenerate(todo: list, partial: bool, root: Path, out, check_only: bool, prune: bool) -> int:
     manifest_path = root / MANIFEST_NAME
     if manifest_path.exists() or manifest_path.is_symlink():
         old_entries = read_manifest(root)["cases"]  # unreadable: GoldenError, nothing touched
@@ -607,12 +607,12 @@ def _regen_locked(todo: list, partial: bool, root: Path, out, check_only: bool, 
     stale = sorted(set(old_entries) - set(new_entries)) if not partial else []
     keep = {**new_entries, **({} if prune else {n: old_entries[n] for n in stale})}
     listed = {(root / e["path"]).resolve() for e in {**new_entries, **old_entries}.values()}
-    kept_paths = {(root / e["path"]).resolve() for e in keep.values()}
     stale_files = [root / old_entries[n]["path"] for n in stale if (root / old_entries[n]["path"]).is_file()]
     orphans = _stray_files(root, listed)
     for name in stale:
         print(f"  {'removed   ' if prune else 'stale     '} {name} (not in the catalogue)", file=out)
-    changed += len(stale) + len(orphans)
+    if prune or check_only:  # without --prune a regen leaves them as they are
+        changed += len(stale) + len(orphans)
     verb = "would delete" if check_only or not prune else "delete"
     for f in stale_files + orphans:
         why = "stale case" if f in stale_files else "orphan: in no manifest entry"
@@ -620,8 +620,7 @@ def _regen_locked(todo: list, partial: bool, root: Path, out, check_only: bool, 
     if check_only:
         return changed
 
-    to_delete = [f.relative_to(root).as_posix() for f in stale_files + orphans
-                 if prune and f.resolve() not in kept_paths]
+    to_delete = [f.relative_to(root).as_posix() for f in stale_files + orphans] if prune else []
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "reference_version": REFERENCE_VERSION,
