@@ -272,7 +272,11 @@ def _judge(backend, case, tensors, dev, v: Verdict, keep_artifacts: bool) -> Ver
     # The backend gets copies: what it writes into its inputs cannot reach the caller's tensors.
     batch = module.batch_from_tensors(case, {k: t.clone() for k, t in pristine.items()}, dev)
     cache_names = [name for name, _ in module.CACHE_FIELDS]
-    batch.validate(allow_unordered=unordered)
+    try:
+        batch.validate(allow_unordered=unordered)
+    except BatchError as e:  # the case's inputs are wrong, not the backend: one line, no traceback
+        v.status, v.reason = "error", f"the case's batch is invalid: {e}"
+        return v
     knobs_before = _snapshot(batch)
     t_backend = time.perf_counter()
     v.timings["prepare"] = t_backend - t_prepare

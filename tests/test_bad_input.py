@@ -73,8 +73,7 @@ class Row:
     needles: tuple  # all on one line of the output
     store: Optional[Callable] = None  # damages a private copy of the golden store
     env: dict = field(default_factory=dict)
-    pytest_args: bool = False  # args are for `python -m pytest`, not for attncheck
-    waits_for: str = ""  # the arch helper's fix this row needs (xfail until it lands)
+    pytest_args: bool = False  # args are for `python -m pytest` (attncheck's plugin), not for attncheck
 
 
 def _case_dir(name):
@@ -117,10 +116,7 @@ def _set(key, index, value):
     return lambda t: t[key].__setitem__(index, value)
 
 
-VERIFY = ["verify", "--device", "cpu", "--backend", "TORCH_SDPA", "-n", "0"]
-ARCH_PLUGIN = "arch: plugin load errors become one-line --backend-plugin errors"
-ARCH_OUTPUT = "arch: output paths are checked before running"
-ARCH_STORE = "arch: `attncheck verify` says why the golden store cannot be read"
+VERIFY = ["verify", "--device", "cpu", "--backend", "TORCH_SDPA", "--case", "decode-h8x2-d64-bs16-bf16", "-n", "0"]
 
 ROWS = [
     # ---- plugins ----
@@ -130,50 +126,45 @@ ROWS = [
     Row("plugin-no-such-attr", ["verify", "--backend-plugin", "factories:nope"],
         ("--backend-plugin", "has no attribute 'nope'")),
     Row("plugin-empty-attr", ["verify", "--backend-plugin", "factories:"], ("--backend-plugin", "factories:")),
-    Row("plugin-empty-module", ["verify", "--backend-plugin", ":X"], ("--backend-plugin", ":X"),
-        waits_for=ARCH_PLUGIN),
+    Row("plugin-empty-module", ["verify", "--backend-plugin", ":X"], ("--backend-plugin", ":X")),
     Row("plugin-raises-at-import", ["verify", "--backend-plugin", "raises_at_import:B"],
-        ("--backend-plugin", "raises_at_import", "boom at import"), waits_for=ARCH_PLUGIN),
+        ("--backend-plugin", "raises_at_import", "boom at import")),
     Row("plugin-syntax-error", ["verify", "--backend-plugin", "syntax_error:B"],
-        ("--backend-plugin", "syntax_error"), waits_for=ARCH_PLUGIN),
-    Row("plugin-factory-needs-args", ["verify", "--backend-plugin", "time:sleep"], ("--backend-plugin", "time:sleep"),
-        waits_for=ARCH_PLUGIN),
+        ("--backend-plugin", "syntax_error")),
+    Row("plugin-factory-needs-args", ["verify", "--backend-plugin", "time:sleep"], ("--backend-plugin", "time:sleep")),
     Row("plugin-factory-needs-two-args", ["verify", "--backend-plugin", "factories:needs_args"],
-        ("--backend-plugin", "factories:needs_args"), waits_for=ARCH_PLUGIN),
+        ("--backend-plugin", "factories:needs_args")),
     Row("plugin-factory-raises", ["verify", "--backend-plugin", "factories:raises"],
-        ("--backend-plugin", "factories:raises", "factory failed"), waits_for=ARCH_PLUGIN),
+        ("--backend-plugin", "factories:raises", "factory failed")),
     Row("plugin-name-none", ["verify", "--backend-plugin", "factories:NONAME"],
-        ("--backend-plugin", "factories:NONAME", "name"), waits_for=ARCH_PLUGIN),
+        ("--backend-plugin", "factories:NONAME", "name")),
     Row("plugin-bad-kind", ["verify", "--backend-plugin", "factories:BADKIND"],
         ("--backend-plugin", "kind 'GQA'", "expected 'MHA' or 'MLA'")),
     Row("plugin-builtin-name", ["verify", "--backend-plugin", "factories:BUILTIN"],
         ("--backend-plugin", "TRITON_ATTN is a built-in")),
     Row("plugin-not-a-backend", ["verify", "--backend-plugin", "factories:NOT_A_BACKEND"],
         ("--backend-plugin", "is not a backend")),
-    Row("pytest-plugin-no-such-module", [str(REPO / "tests" / "test_backends_golden.py"), "-p", "no:cacheprovider",
-                                         "--backend-plugin", "nomodule_xyz:B"],
-        ("--backend-plugin", "nomodule_xyz"), pytest_args=True, waits_for="arch: a bad --backend-plugin under pytest "
-                                                                            "is a usage error, not INTERNALERROR"),
+    Row("pytest-plugin-no-such-module", ["--attncheck", "-p", "no:cacheprovider", "--attncheck-backend-plugin",
+                                         "nomodule_xyz:B"], ("backend-plugin", "nomodule_xyz"), pytest_args=True),
     # ---- arguments ----
     Row("verify-unknown-tier", ["verify", "--tier", "huge"], ("--tier", "invalid choice: 'huge'")),
     Row("verify-unknown-device", ["verify", "--device", "tpu"], ("--device", "invalid choice: 'tpu'")),
     Row("verify-unknown-backend", ["verify", "--device", "cpu", "--backend", "TRITON_ATN"],
         ("TRITON_ATN", "did you mean TRITON_ATTN")),
-    Row("verify-device-cuda-without-gpu", ["verify", "--device", "cuda"], ("--device cuda", "no CUDA device")),
+    Row("verify-device-cuda-without-gpu", ["verify", "--device", "cuda"], ("device cuda", "no CUDA device")),
     Row("verify-backend-without-name", ["verify", "--backend"], ("--backend", "expected at least one argument")),
-    Row("verify-workers-not-a-number", ["verify", "-n", "abc"], ("-n", "invalid int value: 'abc'")),
-    Row("verify-negative-workers", VERIFY[:-1] + ["-3"], ("-n", "-3"), waits_for="arch: -n must be >= 0 or auto"),
-    Row("cases-unknown-family", ["cases", "--family", "nope"], ("--family", "nope"),
-        waits_for="arch: an unknown --family lists the valid ones"),
+    Row("verify-workers-not-a-number", ["verify", "-n", "abc"], ("-n", "expected a number of workers >= 0", "'abc'")),
+    Row("verify-negative-workers", VERIFY[:-1] + ["-3"], ("-n", "expected a number of workers >= 0", "-3")),
+    Row("cases-unknown-family", ["cases", "--family", "nope"], ("--family", "nope")),
     Row("cases-unknown-kind", ["cases", "--kind", "XYZ"], ("--kind", "invalid choice: 'XYZ'")),
     Row("golden-unknown-command", ["golden", "frob"], ("invalid choice: 'frob'",)),
     Row("regen-unknown-case", ["golden", "regen", "--case", "nope"], ("--case", "unknown stored case", "nope")),
     # ---- output paths ----
-    Row("json-path-is-a-directory", VERIFY + ["--json", "{tmp}"], ("--json", "{tmp}"), waits_for=ARCH_OUTPUT),
+    Row("json-path-is-a-directory", VERIFY + ["--json", "{tmp}"], ("--json", "{tmp}")),
     Row("json-path-unwritable", VERIFY + ["--json", "/proc/attncheck-bad-input.json"],
-        ("--json", "/proc/attncheck-bad-input.json"), waits_for=ARCH_OUTPUT),
+        ("--json", "/proc/attncheck-bad-input.json")),
     Row("junit-path-unwritable", VERIFY + ["--junit", "/proc/attncheck-bad-input.xml"],
-        ("--junit", "/proc/attncheck-bad-input.xml"), waits_for=ARCH_OUTPUT),
+        ("--junit", "/proc/attncheck-bad-input.xml")),
     Row("junit-path-is-a-directory", VERIFY + ["--junit", "{tmp}"], ("--junit", "{tmp}")),
     # ---- manifests ----
     Row("verify-manifest-a-list", ["golden", "verify"], ("MANIFEST.json", "expected a JSON object"),
@@ -209,7 +200,7 @@ ROWS = [
     Row("regen-damaged-journal", ["golden", "regen", "--case", "decode-h8x2-d64-bs16-bf16"],
         (".regen-journal.json", "is not a regen journal"), store=_bad_journal),
     Row("attncheck-verify-manifest-truncated", VERIFY, ("MANIFEST.json", "is not valid JSON"),
-        store=_manifest("truncated"), waits_for=ARCH_STORE),
+        store=_manifest("truncated")),
     # ---- golden files ----
     Row("verify-flipped-byte", ["golden", "verify"], ("decode-h8x2-d64-bs16-bf16", "fails its hash", "tensor"),
         store=_flip_byte),
@@ -227,7 +218,7 @@ ROWS = [
     Row("regen-golden-dir-a-file", ["golden", "regen", "--check"], ("golden dir", "is not a directory"),
         env={"ATTNCHECK_GOLDEN_DIR": str(REPO / "README.md")}),
     Row("attncheck-verify-golden-dir-missing", VERIFY, ("no-such-store",),
-        env={"ATTNCHECK_GOLDEN_DIR": "{tmp}/no-such-store"}, waits_for=ARCH_STORE),
+        env={"ATTNCHECK_GOLDEN_DIR": "{tmp}/no-such-store"}),
     Row("env-flag-not-boolean", ["select"], ("VLLM_ROCM_USE_AITER", "not a boolean"),
         env={"VLLM_ROCM_USE_AITER": "maybe"}),
     Row("env-option-flag-not-boolean", ["select", "--env", "VLLM_V1_USE_PREFILL_DECODE_ATTENTION=2"],
@@ -251,17 +242,11 @@ ROWS = [
         store=_batch(lambda t: t.__setitem__("query_start_loc", t["query_start_loc"].flip(0)))),
     Row("batch-mla-q-pe-dtype", ["golden", "verify"], ("q_pe", "dtype must equal q_nope's"),
         store=_batch(lambda t: t.__setitem__("q_pe", t["q_pe"].float()), name="mla-mixed-h8-bs16-bf16")),
+    Row("batch-run-by-attncheck-verify", VERIFY, ("the case's batch is invalid", "block_table", "out of range"),
+        store=_batch(_set("block_table", (1, 0), 10_000), name="decode-h8x2-d64-bs16-bf16")),
     Row("batch-missing-tensor", ["golden", "verify"], ("do not form a batch", "query"),
         store=_batch(lambda t: t.pop("query"))),
 ]
-
-
-def _params():
-    out = []
-    for row in ROWS:
-        marks = [pytest.mark.xfail(strict=True, reason=f"waits for {row.waits_for}")] if row.waits_for else []
-        out.append(pytest.param(row, id=row.id, marks=marks))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +267,7 @@ def _state(path: Path) -> dict:
             hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(path.rglob("*"))}
 
 
-@pytest.mark.parametrize("row", _params())
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_bad_input_is_a_one_line_error_and_changes_nothing(row, tmp_path, plugin_dir):
     if row.id == "verify-device-cuda-without-gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
