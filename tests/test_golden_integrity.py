@@ -161,6 +161,11 @@ def test_stored_inputs_equal_regenerated_inputs():
 
 # ---- a store regen cannot read is refused; nothing it did not write is deleted without --prune ----
 
+def _case_files(root):
+    """The store's case files (the spot-check model weights under models/ are not cases)."""
+    return sorted(p for p in files(root) if p.endswith(".safetensors") and not p.startswith("models/"))
+
+
 @pytest.mark.parametrize("damage", sorted(MANIFEST_DAMAGE))
 @pytest.mark.parametrize("check_only", [False, True], ids=["write", "check"])
 def test_regen_refuses_a_manifest_it_cannot_read_and_changes_nothing(store_copy, damage, check_only):
@@ -187,12 +192,12 @@ def two_case_catalogue(monkeypatch):
 def test_regen_without_prune_deletes_nothing_and_says_what_it_would_delete(store_copy, two_case_catalogue,
                                                                            check_only, capsys):
     (store_copy / "mha" / "stray.safetensors").write_bytes(b"not a golden")
-    golden_files = sorted(p for p in files(store_copy) if p.endswith(".safetensors"))
+    golden_files = _case_files(store_copy)
     before = files(store_copy)
     golden.regen(root=store_copy, check_only=check_only)
     out = capsys.readouterr().out
     after = files(store_copy)
-    assert sorted(p for p in after if p.endswith(".safetensors")) == golden_files
+    assert _case_files(store_copy) == golden_files
     assert {p: b for p, b in after.items() if p.endswith(".safetensors")} == \
            {p: b for p, b in before.items() if p.endswith(".safetensors")}
     would_delete = [line for line in out.splitlines() if "would delete" in line]
@@ -207,17 +212,18 @@ def test_regen_with_a_missing_manifest_keeps_every_other_file(store_copy, capsys
     """The issue's probe with the manifest gone instead of truncated: a one-case regen writes
     that case and a new manifest, and lists (does not delete) the other files."""
     (store_copy / golden.MANIFEST_NAME).unlink()
-    before = {p for p in files(store_copy) if p.endswith(".safetensors")}
+    before = _case_files(store_copy)
     golden.regen(names=[_some_case().name], root=store_copy)
-    assert {p for p in files(store_copy) if p.endswith(".safetensors")} == before
+    assert _case_files(store_copy) == before
     assert capsys.readouterr().out.count("would delete") == len(before) - 1
 
 
 def test_regen_with_prune_deletes_stale_cases_and_orphans(store_copy, two_case_catalogue, capsys):
     (store_copy / "mha" / "stray.safetensors").write_bytes(b"not a golden")
+    models = sorted(p.relative_to(store_copy).as_posix() for p in golden.stored_models(store_copy))
     golden.regen(root=store_copy, prune=True)
-    assert sorted(p for p in files(store_copy) if p.endswith(".safetensors")) == \
-        sorted(golden.case_path(cases.get_case(n), Path(".")).as_posix() for n in two_case_catalogue)
+    assert sorted(p for p in files(store_copy) if p.endswith(".safetensors")) == sorted(
+        models + [golden.case_path(cases.get_case(n), Path(".")).as_posix() for n in two_case_catalogue])
     assert "delete " in capsys.readouterr().out
     assert golden.verify(store_copy) == []
 

@@ -17,7 +17,9 @@ from attncheck.spot.model import CheckpointError
 def golden_copy(tmp_path):
     root = tmp_path / "golden"
     shutil.copytree(addition.MODELS_DIR, root / "models")
-    (root / "MANIFEST.json").write_text(json.dumps({"cases": {}}))  # case problems are not the point here
+    (root / "MANIFEST.json").write_text(json.dumps({  # an empty store: case problems are not the point here
+        "schema_version": golden.SCHEMA_VERSION, "reference_version": golden.REFERENCE_VERSION,
+        "conventions": golden.CONVENTIONS, "cases": {}}))
     return root
 
 
