@@ -4,7 +4,7 @@
                       [--backend-plugin MODULE:ATTR] [--provider vllm|stand-in]
                       [--json PATH] [--junit PATH] [-n WORKERS]
     attncheck cases   [--tier T] [--kind MHA|MLA|MERGE] [--family F] [--json]
-    attncheck golden regen [--case NAME ...] [--check]
+    attncheck golden regen [--case NAME ...] [--check] [--prune]
     attncheck golden verify
     attncheck select  ...   (see `attncheck select --help`)
     attncheck bench   ...   (GPU; see `attncheck bench --help`)

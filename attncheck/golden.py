@@ -184,8 +184,18 @@ def entry_problem(name: str, entry) -> Optional[str]:
     return None
 
 
+def _no_store(root: Path) -> Optional[str]:
+    """Why ``root`` is not a golden store at all (None: it is a directory)."""
+    if root.is_dir():
+        return None
+    return (f"golden dir {root} {'is not a directory' if root.exists() else 'does not exist'}"
+            " (set ATTNCHECK_GOLDEN_DIR to a golden store, or unset it)")
+
+
 def _manifest_json(root: Path) -> dict:
     """The manifest's JSON, whose top level is sound; GoldenError (one line) otherwise."""
+    if _no_store(root):
+        raise GoldenError(_no_store(root))
     path = root / MANIFEST_NAME
     if not path.exists():
         raise GoldenError(f"{path} is missing: run `attncheck golden regen`")
@@ -337,9 +347,8 @@ def verify(root: Optional[Path] = None) -> list[str]:
     """All problems found, one line each (empty list = the store is sound). Reads only;
     `recover()` completes or discards an interrupted regen first (the CLI does both)."""
     root = root or golden_dir()
-    if not root.is_dir():
-        return [f"golden dir {root} {'is not a directory' if root.exists() else 'does not exist'}"
-                " (set ATTNCHECK_GOLDEN_DIR to a golden store, or unset it)"]
+    if _no_store(root):
+        return [_no_store(root)]
     problems: list[str] = []
     if (root / JOURNAL_NAME).exists():
         problems.append(f"{root / JOURNAL_NAME}: an interrupted regen is pending "
@@ -416,10 +425,9 @@ def _leftovers(root: Path) -> list[Path]:
                   if f.is_file() and f.name != JOURNAL_NAME)
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (must not exist) with ``data``, flushed to disk."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+def _write_and_close(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, flush it to disk, close it. Plain ``os.write`` calls so
+    that the kill-injection test sees (and kills after) every single write."""
     try:
         view = memoryview(data)
         while view:
@@ -429,15 +437,18 @@ def _write_new_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (must not exist) with ``data``, flushed to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_and_close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), data)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write one file atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_and_close(fd, data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; goldens are shared read-only data
         os.replace(tmp, path)
     except BaseException:
@@ -530,8 +541,8 @@ def _diff_line(name: str, old_entry: Optional[dict], new_entry: dict, old_path: 
 
 def _store_root(root: Optional[Path]) -> Path:
     root = root or golden_dir()
-    if root.exists() and not root.is_dir():
-        raise GoldenError(f"golden dir {root} is not a directory (set ATTNCHECK_GOLDEN_DIR to a golden store)")
+    if root.exists() and _no_store(root):  # a store that does not exist yet is created
+        raise GoldenError(_no_store(root))
     return root
 
 

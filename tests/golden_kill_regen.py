@@ -6,8 +6,16 @@ Builds a small store (catalogue v1: four cases) under WORKDIR/store, then regene
 catalogue v2 (two cases' outputs changed, one unchanged, one removed, one new; --prune). First
 it runs that regen to the end once, recording every file operation it makes on the store; then,
 for each operation k in turn, it restores the v1 store, forks, and SIGKILLs the child right after
-operation k. After each kill it runs what `attncheck golden verify` runs (recover, then verify)
-and records whether the store is exactly the v1 store, exactly the v2 store, or neither.
+operation k. After each kill it runs `attncheck golden verify` (the CLI's own entry point, in
+this process so that the test catalogue applies; it recovers first, then verifies), records its
+exit code and output, and whether the store is then exactly the v1 store, exactly the v2 store,
+or neither.
+
+Why a small temp store: every kill point costs a fork, a regen and a verify; over the whole
+committed store (hundreds of files, each written in several operations) that is far too slow
+for CI. Four cases exercise every kind of file operation a regen makes (a changed file, an
+unchanged one, a new file in a new folder, a pruned one, the manifest, the journal), and every
+one of those operations is a kill point.
 
 Goldens come from the committed store (loaded, not recomputed) so that this stays fast; the
 store under test is selected with ATTNCHECK_GOLDEN_DIR, as a user would.
@@ -15,6 +23,7 @@ store under test is selected with ATTNCHECK_GOLDEN_DIR, as a user would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,7 +34,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from attncheck import cases, golden
+from attncheck import cases, cli, golden
 
 COMMITTED = golden.golden_dir()
 V1 = ["decode-h8x2-d64-bs16-bf16", "mixed-h5x1-d80-bs16-bf16", "extend-h8x2-d64-bs16-bf16-fp8e4m3fn-chunks3",
@@ -91,6 +100,14 @@ def record_file_operations(root: Path, kill_after=None) -> list:
     return events
 
 
+def golden_verify_cli() -> dict:
+    """`attncheck golden verify` as a user runs it: exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(["golden", "verify"])
+    return {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
 def regen_in_child(store: Path, kill_after, events_path: Path) -> int:
     """Run the v2 regen in a forked child; returns its wait status."""
     pid = os.fork()
@@ -117,6 +134,8 @@ def main(workdir: Path, result_path: Path) -> None:
     old = snapshot(store)
     pristine = workdir / "pristine"
     shutil.copytree(store, pristine)
+    use_catalogue("v2")  # what verify says about the untouched v1 store once the code is at v2
+    old_report = golden_verify_cli()
 
     events_path = workdir / "events.json"
     status = regen_in_child(store, None, events_path)
@@ -131,13 +150,14 @@ def main(workdir: Path, result_path: Path) -> None:
         shutil.rmtree(store)
         shutil.copytree(pristine, store)
         status = regen_in_child(store, k, events_path)
-        use_catalogue("v2")
-        actions = golden.recover()
+        use_catalogue("v2")  # the interrupted regen's catalogue: the code the user runs verify with
+        report = golden_verify_cli()
         state = {json.dumps(old): "old", json.dumps(new): "new"}.get(json.dumps(snapshot(store)), "neither")
         use_catalogue("v1" if state == "old" else "v2")
         points.append({"after": events[k - 1], "killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9,
-                       "recovered": actions, "state": state, "problems": golden.verify()})
+                       "verify_cli": report, "state": state, "problems": golden.verify()})
     result_path.write_text(json.dumps({"events": events, "new_problems": new_problems, "points": points,
+                                       "old_report": old_report,
                                        "old_files": sorted(old), "new_files": sorted(new)}, indent=1))
 
 

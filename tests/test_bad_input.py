@@ -3,8 +3,9 @@ environment values, output paths and stored batches, each run through the real c
 
 Every row must give a non-zero exit, a one-line message naming the argument and what was
 expected (the row's needles all on one output line), no traceback, and leave the disk as it
-was: the golden store (hashed before and after), the working directory (empty) and any output
-path named on the command line.
+was: the repository's tracked files and the golden store (hashed before and after), the working
+directory (empty) and any output path named on the command line. An `attncheck verify` row must
+be refused before the run starts (output paths, workers, the golden store are checked first).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class Row:
     store: Optional[Callable] = None  # damages a private copy of the golden store
     env: dict = field(default_factory=dict)
     pytest_args: bool = False  # args are for `python -m pytest` (attncheck's plugin), not for attncheck
+    runs: bool = False  # an `attncheck verify` row whose input is only found by running the case
+    watch_named: bool = True  # hash the absolute paths it names (not for /tmp: other processes write there)
 
 
 def _case_dir(name):
@@ -146,6 +149,9 @@ ROWS = [
         ("--backend-plugin", "is not a backend")),
     Row("pytest-plugin-no-such-module", ["--attncheck", "-p", "no:cacheprovider", "--attncheck-backend-plugin",
                                          "nomodule_xyz:B"], ("backend-plugin", "nomodule_xyz"), pytest_args=True),
+    Row("pytest-plugin-raises-at-import", ["--attncheck", "-p", "no:cacheprovider", "--attncheck-backend-plugin",
+                                           "raises_at_import:B"], ("backend-plugin", "boom at import"),
+        pytest_args=True),
     # ---- arguments ----
     Row("verify-unknown-tier", ["verify", "--tier", "huge"], ("--tier", "invalid choice: 'huge'")),
     Row("verify-unknown-device", ["verify", "--device", "tpu"], ("--device", "invalid choice: 'tpu'")),
@@ -161,6 +167,7 @@ ROWS = [
     Row("regen-unknown-case", ["golden", "regen", "--case", "nope"], ("--case", "unknown stored case", "nope")),
     # ---- output paths ----
     Row("json-path-is-a-directory", VERIFY + ["--json", "{tmp}"], ("--json", "{tmp}")),
+    Row("json-path-is-tmp", VERIFY + ["--json", "/tmp"], ("--json", "/tmp"), watch_named=False),
     Row("json-path-unwritable", VERIFY + ["--json", "/proc/attncheck-bad-input.json"],
         ("--json", "/proc/attncheck-bad-input.json")),
     Row("junit-path-unwritable", VERIFY + ["--junit", "/proc/attncheck-bad-input.xml"],
@@ -217,7 +224,7 @@ ROWS = [
         env={"ATTNCHECK_GOLDEN_DIR": str(REPO / "README.md")}),
     Row("regen-golden-dir-a-file", ["golden", "regen", "--check"], ("golden dir", "is not a directory"),
         env={"ATTNCHECK_GOLDEN_DIR": str(REPO / "README.md")}),
-    Row("attncheck-verify-golden-dir-missing", VERIFY, ("no-such-store",),
+    Row("attncheck-verify-golden-dir-missing", VERIFY, ("golden dir", "no-such-store", "does not exist"),
         env={"ATTNCHECK_GOLDEN_DIR": "{tmp}/no-such-store"}),
     Row("env-flag-not-boolean", ["select"], ("VLLM_ROCM_USE_AITER", "not a boolean"),
         env={"VLLM_ROCM_USE_AITER": "maybe"}),
@@ -243,7 +250,7 @@ ROWS = [
     Row("batch-mla-q-pe-dtype", ["golden", "verify"], ("q_pe", "dtype must equal q_nope's"),
         store=_batch(lambda t: t.__setitem__("q_pe", t["q_pe"].float()), name="mla-mixed-h8-bs16-bf16")),
     Row("batch-run-by-attncheck-verify", VERIFY, ("the case's batch is invalid", "block_table", "out of range"),
-        store=_batch(_set("block_table", (1, 0), 10_000), name="decode-h8x2-d64-bs16-bf16")),
+        store=_batch(_set("block_table", (1, 0), 10_000), name="decode-h8x2-d64-bs16-bf16"), runs=True),
     Row("batch-missing-tensor", ["golden", "verify"], ("do not form a batch", "query"),
         store=_batch(lambda t: t.pop("query"))),
 ]
@@ -255,6 +262,20 @@ def plugin_dir(tmp_path_factory):
     for name, text in PLUGINS.items():
         (d / name).write_text(text)
     return d
+
+
+# What `attncheck verify` prints once its checks passed and the run starts (the row that runs
+# proves this is still the line it prints).
+RUN_STARTED = "attncheck verify: tier "
+
+
+def _tracked_files() -> list:
+    """The repository's tracked files (none outside a git checkout: then the store alone is hashed)."""
+    try:
+        r = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [REPO / p for p in r.stdout.decode().split("\0") if p] if r.returncode == 0 else []
 
 
 def _state(path: Path) -> dict:
@@ -285,7 +306,8 @@ def test_bad_input_is_a_one_line_error_and_changes_nothing(row, tmp_path, plugin
     args = [fill(a) for a in row.args]
     named = [a for a in args if a.startswith("/") and not a.startswith(str(REPO))] + \
             [v for v in map(fill, row.env.values()) if v.startswith("/")]
-    watched = [store, cwd, scratch] + [Path(a) for a in named]
+    tracked = [p for p in _tracked_files() if not p.resolve().is_relative_to(store.resolve())]  # store: hashed whole
+    watched = [store, cwd, scratch] + [Path(a) for a in named if row.watch_named] + tracked
     before = {str(p): _state(p) for p in watched}
 
     cmd = [sys.executable, "-m", "pytest", *args] if row.pytest_args else [*CLI, *args]
@@ -294,6 +316,9 @@ def test_bad_input_is_a_one_line_error_and_changes_nothing(row, tmp_path, plugin
         output = r.stdout + r.stderr
         needles = [fill(n) for n in row.needles]
         assert r.returncode != 0, f"exit 0 for bad input:\n{output}"
+        if args[0] == "verify" and not row.pytest_args:
+            assert (RUN_STARTED in output) == row.runs, \
+                f"{'refused before' if row.runs else 'started'} the run, expected the opposite:\n{output}"
         assert "Traceback" not in output and "INTERNALERROR" not in output, output
         assert any(all(n in line for n in needles) for line in output.splitlines()), \
             f"no line names {needles}:\n{output}"

@@ -75,7 +75,7 @@ def test_output_paths_are_checked_before_running(option, path, says):
 
 def test_missing_golden_store_is_named(tmp_path):
     env = dict(__import__("os").environ, ATTNCHECK_GOLDEN_DIR=str(tmp_path / "nowhere"))
-    one_line_error(attncheck("verify", "--device", "cpu", env=env), "golden store", "MANIFEST.json is missing")
+    one_line_error(attncheck("verify", "--device", "cpu", env=env), "golden store", "golden dir", "does not exist")
 
 
 def test_truncated_manifest_is_named(tmp_path):

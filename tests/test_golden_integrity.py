@@ -235,33 +235,46 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill driver forks one child per kill point")
 def test_a_kill_after_any_file_operation_of_regen_leaves_the_old_or_the_new_store(tmp_path):
-    """tests/golden_kill_regen.py enumerates every file operation a regen makes on a small store,
-    then SIGKILLs a regen right after each one in turn; after `recover` (what `attncheck golden
-    verify` runs first) the store must verify and be byte-identical to the old or the new store."""
+    """tests/golden_kill_regen.py enumerates every file operation a regen makes on a small store
+    (every open for writing, write, fsync, rename, unlink, mkdir), then SIGKILLs a regen right
+    after each one in turn; after each kill, `attncheck golden verify` (which recovers first) must
+    leave the store byte-identical to the old or the new store and report it as such."""
     result_path = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_WORKER"}
     r = subprocess.run([sys.executable, "-m", "tests.golden_kill_regen", str(tmp_path), str(result_path)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(result_path.read_text())
-    events, points = result["events"], result["points"]
+    events, points, old_report = result["events"], result["points"], result["old_report"]
     assert result["new_problems"] == [] and result["old_files"] != result["new_files"]
     # The enumeration covers every kind of write a regen makes: staged files written and flushed,
-    # the journal committed, each new file and the manifest renamed into place, a stale file deleted.
+    # the journal written, flushed and renamed into place (the commit), each new file and the
+    # manifest renamed into place, a stale file deleted, the journal deleted.
     for needle in ("write mha/.decode-h8x2-d64-bs16-bf16.safetensors.staged", "fsync .MANIFEST.json.staged",
-                   "replace mla/.mla-decode-h16-mini-bs16-bf16.safetensors.staged -> mla/",
-                   "-> .regen-journal.json", "replace .MANIFEST.json.staged -> MANIFEST.json",
+                   "mkdir mla", "replace mla/.mla-decode-h16-mini-bs16-bf16.safetensors.staged -> mla/",
+                   "write ..regen-journal.json.", "-> .regen-journal.json",
+                   "replace .MANIFEST.json.staged -> MANIFEST.json",
                    "unlink merge/merge-prefix-posinf-bf16-h4-d64.safetensors", "unlink .regen-journal.json"):
         assert any(needle in e for e in events), (needle, events)
+    # The untouched old store, verified with the new catalogue: exactly the catalogue drift.
+    assert old_report["rc"] == 1 and "mla-decode-h16-mini-bs16-bf16: in the catalogue but not" in old_report[
+        "stderr"] and "merge-prefix-posinf-bf16-h4-d64: in the manifest but not in the catalogue" in old_report["stderr"]
     assert len(points) == len(events)
     for point in points:
         assert point["killed"], point
         assert point["state"] in ("old", "new"), point
-        assert point["problems"] == [], point
+        assert point["problems"] == [], point  # the store is sound against its own catalogue
+        cli = point["verify_cli"]
+        if point["state"] == "new":
+            assert cli["rc"] == 0 and "golden OK" in cli["stdout"] and cli["stderr"] == "", point
+        else:
+            assert (cli["rc"], cli["stderr"]) == (old_report["rc"], old_report["stderr"]), point
     states = [p["state"] for p in points]
     first_new = states.index("new")
     assert "old" in states and states[first_new:] == ["new"] * (len(states) - first_new)
     assert "-> .regen-journal.json" in events[first_new]  # the journal's rename is the commit point
+    said = "".join(p["verify_cli"]["stdout"] for p in points)
+    assert "discarded" in said and "completed an interrupted regen" in said  # both recoveries ran
 
 
 def test_pending_journal_blocks_reads_until_recovered(store_copy):
