@@ -27,6 +27,14 @@ def availability(device: torch.device) -> Availability:
     return Availability.no(f"device {device}: AITER needs the CPU interpreter or a GPU")
 
 
+def provider() -> str:
+    """The provider string AITER backends' verdicts carry, e.g. 'amd-aiter==0.1.7'."""
+    try:
+        return f"{loader.DIST_NAME}=={loader.aiter_version()}"
+    except loader.AiterUnavailable:
+        return f"{loader.DIST_NAME} (not installed)"
+
+
 def describe_loader() -> str:
     try:
         return loader.load().describe()

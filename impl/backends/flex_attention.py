@@ -93,6 +93,7 @@ def _call_compiled_or_eager(q, k, v, score_mod, block_mask, scale, enable_gqa):
 class FlexAttentionBackend:
     name = "FLEX_ATTENTION"
     kind = "MHA"
+    provider = f"torch=={torch.__version__}"
     known_issues = ()
     capabilities = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),

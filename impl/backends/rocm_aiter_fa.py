@@ -159,6 +159,10 @@ class AiterFABackend:
     )
 
     @property
+    def provider(self) -> str:
+        return support.provider()
+
+    @property
     def capabilities(self) -> Capabilities:
         return Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16}),

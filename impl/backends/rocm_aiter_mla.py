@@ -136,6 +136,10 @@ class AiterMLABackend(MLAPipeline):
     pad_v = False  # AITER's flash attention takes qk 192 / v 128 directly
 
     @property
+    def provider(self) -> str:
+        return support.provider()
+
+    @property
     def capabilities(self) -> Capabilities:
         return Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16}),

@@ -78,6 +78,10 @@ class AiterUnifiedAttnBackend:
     )
 
     @property
+    def provider(self) -> str:
+        return support.provider()
+
+    @property
     def capabilities(self) -> Capabilities:
         return Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16}),

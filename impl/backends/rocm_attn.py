@@ -1,50 +1,102 @@
 """ROCM_ATTN: vLLM's chunked-prefill + paged-decode pipeline (prefill/decode split).
 
 Pipeline (research/vllm-backends.md 4.4, DESIGN.md table):
-  1. write the new K/V into the paged cache (``cache_ops.reshape_and_cache``, fp8 with k/v scales);
+  1. write the new K/V into the paged cache (fp8 with k/v scales);
   2. the prefix-prefill kernel for the rows of every sequence with q_len > 1 (context from the
-     cache + the new tokens causally; here the new tokens are read from the cache after step 1);
-  3. a split-K paged-attention decode kernel (partitions of P keys + a reduce) for q_len == 1.
+     cache + the new tokens causally);
+  3. a paged-attention decode kernel for q_len == 1.
 
-On ROCm vLLM's decode step is a HIP paged-attention kernel (``use_rocm_custom_paged_attention``,
-else a Triton kernel). This project does NOT implement HIP: the Triton paged-decode kernel of
-the same split-K algorithm (``impl.triton.paged_decode``) stands in for it everywhere, ROCm
-included, so a pass here says nothing about the HIP kernel itself.
+Two providers (``impl.vllm``; ``ATTNCHECK_PROVIDER``, default: vLLM where it loads):
+
+* ``vllm==<version>``: vLLM's ``chunked_prefill_paged_decode`` as its RocmAttentionImpl calls
+  it, over vLLM's ROCM_ATTN cache layout (K ``[nb, Hkv, D/x, block, x]``, V ``[nb, Hkv, D,
+  block]``, x = 16 bytes / element): the batch's NHD caches are converted to it, written by
+  vLLM's ``triton_reshape_and_cache_flash`` (vLLM's own writer for that layout except block
+  sizes 16/32, where it calls the compiled ``reshape_and_cache``), attended (prefix prefill reads
+  the new tokens from ``key``/``value``, the context from the cache; decode is vLLM's Triton
+  ``kernel_paged_attention_2d``: the compiled HIP kernel it prefers on gfx9 is switched off by
+  the loader), and converted back. No LSE. Declared known issues of vLLM 0.33.0: it accepts
+  ``logits_soft_cap`` but never passes it to the kernels (softcap silently ignored), and its
+  prefix-prefill ALiBi kernel has no sliding window (ALiBi + window: prefill rows see too much).
+* ``attncheck-stand-in``: the project's kernels on the NHD cache; new tokens are read back
+  from the cache after step 1; the decode is a Triton split-K kernel (partitions of P keys + a
+  reduce) standing in for the HIP kernel. Both kernels produce an LSE ([Hq, T], sinks
+  excluded), which this pipeline then returns.
+
+This project does NOT implement or run HIP: a pass here says nothing about the HIP kernel.
 
 Both kernels filter rows by q_len themselves (like vLLM's ``chunked_prefill_paged_decode``), so
 the pipeline does not depend on the decode | extend | prefill order. Kernels are looked up
-through their modules at call time so tests can plant bugs. Both kernels produce an LSE, so this
-pipeline returns one ([Hq, T], sinks excluded) although vLLM's ROCM_ATTN does not expose it.
-Layout: NHD cache (vLLM's late-2025 ROCM_ATTN reinterprets the allocation as the legacy 5-D K /
-4-D V layout; the math is the same).
+through their modules at call time so tests can plant bugs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from typing import Optional
+
 from impl import platform
-from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities
+from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities, KnownIssue
+from impl.backends.triton_attn import TF32_ISSUE
 from impl.triton import cache_ops, compat, paged_decode, prefix_prefill
+from impl.vllm import ProviderChoice
 
 # late-2025 ROCM_ATTN head sizes, plus 80 (added later); all are padded to a power of two.
 HEAD_SIZES = frozenset({32, 64, 80, 96, 128, 160, 192, 224, 256})
 
 
+SOFTCAP_IGNORED = KnownIssue(
+    reason="vLLM 0.33.0's RocmAttentionImpl stores logits_soft_cap but never passes it to "
+           "chunked_prefill_paged_decode (which has no softcap parameter): softcap is silently "
+           "ignored, the output is plain attention",
+    issue="attncheck issue 11 (vllm/v1/attention/backends/rocm_attn.py)", platform="all",
+    applies=lambda params: bool(params.get("softcap")))
+ALIBI_WINDOW_IGNORED = KnownIssue(
+    reason="vLLM 0.33.0's prefix-prefill ALiBi kernel (prefix_prefill._fwd_kernel_alibi) takes no "
+           "sliding window: rows with q_len > 1 attend their whole context (decode rows are right)",
+    issue="attncheck issue 11 (vllm/v1/attention/ops/prefix_prefill.py)", platform="all",
+    applies=lambda params: bool(params.get("alibi")) and bool(params.get("sliding_window")))
+
+
 class RocmAttnBackend:
-    """vLLM's ROCM_ATTN. Off ROCm (and here on ROCm too) the Triton paged-decode kernel of the
-    same split-K algorithm stands in for the HIP paged-attention decode kernel."""
+    """vLLM's ROCM_ATTN: prefix prefill for q_len > 1, paged decode for q_len == 1."""
 
     name = "ROCM_ATTN"
     kind = "MHA"
-    known_issues = ()
 
-    def __init__(self, partition_size: int = 256):
-        # 256 = the ROCm custom paged attention's partition (vLLM's CUDA v2 uses 512).
+    def __init__(self, partition_size: int = 256, provider: Optional[str] = None):
+        """``partition_size``: the stand-in decode's split-K partition (256 = the ROCm custom
+        paged attention's; vLLM's CUDA v2 uses 512). ``provider``: 'auto', 'vllm' or 'stand-in'
+        (None: ATTNCHECK_PROVIDER)."""
         self.partition_size = int(partition_size)
+        self._choice = ProviderChoice(provider)
+
+    @property
+    def provider(self) -> str:
+        return self._choice.provider
+
+    @property
+    def known_issues(self) -> tuple:
+        return (SOFTCAP_IGNORED, ALIBI_WINDOW_IGNORED, TF32_ISSUE) if self._choice.uses_vllm else ()
 
     @property
     def capabilities(self) -> Capabilities:
+        if self._choice.uses_vllm:
+            from impl.vllm import kernels
+
+            return Capabilities(
+                dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                head_sizes=HEAD_SIZES,
+                block_sizes=BlockSizes(multiple_of=16, minimum=16),
+                causal=True, non_causal=True, sliding_window=True, softcap=True, alibi=True,
+                sinks=True, fp8_kv=kernels.fp8_kv_flavours(), returns_lse=False,
+                notes=("vLLM's chunked_prefill_paged_decode over its 5-D K / 4-D V layout; decode: "
+                       "vLLM's Triton kernel (the compiled HIP kernel is not run)",
+                       "softcap: accepted by vLLM's backend and silently ignored (known issue)",
+                       "ALiBi with a sliding window: the prefill ignores the window (known issue); "
+                       "ALiBi with non-causal prefill or with sinks: vLLM asserts",
+                       "no LSE: vLLM's kernels do not produce one"))
         return Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
             head_sizes=HEAD_SIZES,
@@ -57,6 +109,12 @@ class RocmAttnBackend:
                    "softcap: implemented and tested in our kernels; vLLM's support not verified"))
 
     def availability(self, device) -> Availability:
+        base = self._triton_availability(device)
+        if base.ok and self._choice.error:
+            return Availability.no(self._choice.error)
+        return base
+
+    def _triton_availability(self, device) -> Availability:
         device = torch.device(device)
         if device.type == "cpu":
             if not platform.is_interpreter():
@@ -67,11 +125,38 @@ class RocmAttnBackend:
                 return Availability.no("TRITON_INTERPRET=1 runs kernels on the CPU; use --device cpu")
             if platform.is_rocm():
                 return Availability.yes("ROCm: Triton kernels; the HIP paged-attention decode kernel "
-                                        "is NOT used (Triton split-K stand-in)")
-            return Availability.yes("CUDA (Triton stand-in for the HIP decode kernel)")
+                                        "is NOT used (a Triton decode kernel runs instead)")
+            return Availability.yes("CUDA (a Triton decode kernel in place of the HIP one)")
         return Availability.no(f"device {device}: needs the Triton interpreter (CPU) or a GPU")
 
     def run(self, batch) -> BackendOutput:
+        if self._choice.uses_vllm:
+            return self._run_vllm(batch)
+        return self._run_stand_in(batch)
+
+    def _run_vllm(self, batch) -> BackendOutput:
+        from impl.vllm import kernels
+
+        key_cache, value_cache = kernels.rocm_attn_layout(batch.key_cache, batch.value_cache)
+        kernels.reshape_and_cache_flash(batch.key, batch.value, key_cache, value_cache, batch.slot_mapping,
+                                        k_scale=batch.k_scale, v_scale=batch.v_scale)
+        out = torch.empty_like(batch.query)
+        qlens = batch.query_lens()
+        kernels.chunked_prefill_paged_decode(
+            batch.query, batch.key, batch.value, out, key_cache, value_cache, block_table=batch.block_table,
+            query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens, max_query_len=max(qlens),
+            max_seq_len=int(batch.seq_lens.max()), scale=batch.scale, causal=batch.causal,
+            sliding_window=batch.sliding_window, alibi_slopes=batch.alibi_slopes, sinks=batch.sinks,
+            k_scale=batch.k_scale, v_scale=batch.v_scale)
+        kernels.nhd_from_rocm_attn_layout(key_cache, value_cache, batch.key_cache, batch.value_cache)
+        ran = ["vllm triton_reshape_and_cache_flash (ROCM_ATTN layout)"]
+        if max(qlens) > 1:
+            ran.append("vllm context_attention_fwd (prefix prefill)")
+        if min(qlens) == 1:
+            ran.append("vllm kernel_paged_attention_2d (Triton decode)")
+        return BackendOutput(out, None, info={"provider": self.provider, "kernels": ran})
+
+    def _run_stand_in(self, batch) -> BackendOutput:
         if platform.is_interpreter():
             compat.install()
         cache_ops.reshape_and_cache(batch.key, batch.value, batch.key_cache, batch.value_cache,
@@ -99,7 +184,7 @@ class RocmAttnBackend:
             paged_decode.paged_decode(*tensors, partition_size=self.partition_size,
                                       max_seq_len=max(decode_lens), **common)
             kernels.append(f"paged_decode(P={self.partition_size})")
-        return BackendOutput(out, lse, info={"kernels": kernels})
+        return BackendOutput(out, lse, info={"provider": self.provider, "kernels": kernels})
 
 
 BACKENDS = (RocmAttnBackend,)  # what impl.backends.builtin_backends() registers from this module

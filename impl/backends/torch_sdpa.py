@@ -28,6 +28,7 @@ def quantize_to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -
 class TorchSDPABackend:
     name = "TORCH_SDPA"
     kind = "MHA"
+    provider = f"torch=={torch.__version__}"
     capabilities = Capabilities(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         block_sizes=BlockSizes(multiple_of=1),

@@ -1,52 +1,94 @@
-"""TRITON_ATTN: vLLM's unified-attention pipeline on the project's own Triton kernels.
+"""TRITON_ATTN: vLLM's unified-attention pipeline.
 
 Pipeline (research/vllm-backends.md 4.4, DESIGN.md table):
-  1. write the new K/V into the paged NHD cache (``cache_ops.reshape_and_cache``; fp8 caches
-     are quantised with the k/v scales);
-  2. ONE ``unified_attention`` launch over the whole batch (prefill, chunked prefill / extend,
-     decode), every key read back from the cache. An all-decode batch with long contexts whose
-     2-D grid would leave the GPU underused takes the split-KV ("3-D") variant with its segment
-     reduce, as vLLM does (``unified_attention.use_split_kv``).
+  1. write the new K/V into the paged NHD cache (fp8 caches are quantised with the k/v scales);
+  2. ONE unified-attention launch over the whole batch (prefill, chunked prefill / extend,
+     decode), every key read back from the cache; the split-KV ("3-D") variant with its segment
+     reduce where the 2-D grid would be too small.
 
-The kernel finds each sequence's rows from ``query_start_loc`` itself, so the pipeline does not
-depend on the decode | extend | prefill order. Kernels are looked up through their modules at
-call time so tests can plant bugs. The kernel produces an LSE ([Hq, T], natural log, sinks
-excluded), so this pipeline returns one although vLLM's TRITON_ATTN does not expose it.
+Two providers (``impl.vllm``; ``ATTNCHECK_PROVIDER``, default: vLLM where it loads):
+
+* ``vllm==<version>``: vLLM's own kernels, as its TritonAttentionImpl calls them:
+  ``triton_reshape_and_cache_flash`` then ``unified_attention`` with the split-KV scratch its
+  metadata builder allocates (``seq_threshold_3D = 128 // num_kv_heads``, 16 segments); vLLM's
+  kernel picks 2-D or 3-D itself. No LSE (vLLM's kernel has none).
+* ``attncheck-stand-in``: the project's kernels (``cache_ops.reshape_and_cache``,
+  ``impl.triton.unified_attention`` with ``use_split_kv``, tuned on an H200); they also
+  produce the LSE ([Hq, T], natural log, sinks excluded), which this pipeline then returns.
+
+The kernels find each sequence's rows from ``query_start_loc`` themselves, so the pipeline does
+not depend on the decode | extend | prefill order. Kernels are looked up through their modules
+at call time so tests can plant bugs.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from impl import platform
 from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities, KnownIssue
 from impl.triton import cache_ops, compat, unified_attention
+from impl.vllm import ProviderChoice
 
 # vLLM's TRITON_ATTN takes any head size >= 32; ours pads to a power of two (<= 256 keeps the
 # tiles within shared memory on a GPU). Multiples of 8 from 32 to 256.
 HEAD_SIZES = frozenset(range(32, 257, 8))
+# vLLM's own kernel takes any head size >= 32 (padded to a power of two); up to 256 here
+VLLM_HEAD_SIZES = frozenset(range(32, 257))
+TF32_ISSUE = KnownIssue(
+    reason="vLLM's Triton attention kernels run their float32 tl.dot in TF32 on NVIDIA GPUs "
+           "(measured on an H200: 1.3e-3..2.3e-3 off a float32 reference, beyond the fp32 budget)",
+    issue="attncheck issue 11", platform="cuda",
+    applies=lambda params: params.get("torch_dtype") == torch.float32)
+# a budget limit of the stand-in sweep rows, whichever provider runs (the sweep found it on the
+# stand-in kernels; for vLLM's kernels a case where it does not reproduce is noted as such)
+SWEEP_FP32_BUDGET_GAP = KnownIssue(
+    backend="TRITON_ATTN",
+    reason="float32 per-row output budget gap (a budget limit, not a kernel defect): the fp32 budget is one "
+           "realisation of fp32 rounding noise, and on short rows another legitimate summation order "
+           "lands past it (and the kernel's tanh differs from torch's at large softcapped scores); seen by "
+           "the sweep on the CPU interpreter: sweep:1:40 (fp32, non-causal, d128, 10 keys) ratio 2.15, "
+           "sweep:3:2 (fp32, softcap 50, query std 8) ratio 3.39, output rel_l2 <= 8e-7; the stored fp32 "
+           "cases pass",
+    link="attncheck#9 (budgets that accept every legitimate op order)", platform="all",
+    dtypes=frozenset({"fp32"}), predicate=lambda p: p.tier == "sweep")
 
 
 class TritonAttnBackend:
-    """vLLM's TRITON_ATTN: reshape_and_cache + one unified-attention launch (2-D or split-KV)."""
+    """vLLM's TRITON_ATTN: cache write + one unified-attention launch (2-D or split-KV)."""
 
     name = "TRITON_ATTN"
     kind = "MHA"
-    known_issues = (
-        KnownIssue(
-            backend="TRITON_ATTN",
-            reason="float32 per-row output budget gap (a budget limit, not a kernel defect): the fp32 budget is one "
-                   "realisation of fp32 rounding noise, and on short rows another legitimate summation order "
-                   "lands past it (and the kernel's tanh differs from torch's at large softcapped scores); seen by "
-                   "the sweep on the CPU interpreter: sweep:1:40 (fp32, non-causal, d128, 10 keys) ratio 2.15, "
-                   "sweep:3:2 (fp32, softcap 50, query std 8) ratio 3.39, output rel_l2 <= 8e-7; the stored fp32 "
-                   "cases pass",
-            link="attncheck#9 (budgets that accept every legitimate op order)", platform="all",
-            dtypes=frozenset({"fp32"}), predicate=lambda p: p.tier == "sweep"),
-    )
+
+    def __init__(self, provider: Optional[str] = None):
+        """``provider``: 'auto', 'vllm' or 'stand-in' (None: ATTNCHECK_PROVIDER)."""
+        self._choice = ProviderChoice(provider)
+
+    @property
+    def provider(self) -> str:
+        return self._choice.provider
+
+    @property
+    def known_issues(self) -> tuple:
+        return (SWEEP_FP32_BUDGET_GAP,) + ((TF32_ISSUE,) if self._choice.uses_vllm else ())
 
     @property
     def capabilities(self) -> Capabilities:
+        if self._choice.uses_vllm:
+            from impl.vllm import kernels
+
+            return Capabilities(
+                dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                head_sizes=VLLM_HEAD_SIZES,
+                block_sizes=BlockSizes(multiple_of=16, minimum=16),
+                causal=True, non_causal=True, sliding_window=True, softcap=True, alibi=True,
+                sinks=True, fp8_kv=kernels.fp8_kv_flavours(), returns_lse=False,
+                notes=("vLLM's triton_reshape_and_cache_flash + unified_attention (2-D, or 3-D "
+                       "split-KV as vLLM's builder and kernel decide)",
+                       "no LSE: vLLM's kernel does not produce one",
+                       "fp8: only the platform's flavour (vLLM views fp8 caches as it)"))
         return Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
             head_sizes=HEAD_SIZES,
@@ -59,6 +101,12 @@ class TritonAttnBackend:
                    "fp8 e4m3fnuz only under the Triton interpreter (CUDA Triton has no fnuz)"))
 
     def availability(self, device) -> Availability:
+        base = self._triton_availability(device)
+        if base.ok and self._choice.error:
+            return Availability.no(self._choice.error)
+        return base
+
+    def _triton_availability(self, device) -> Availability:
         device = torch.device(device)
         try:
             import triton  # noqa: F401, PLC0415
@@ -77,6 +125,26 @@ class TritonAttnBackend:
         return Availability.no(f"device {device}: needs Triton: a CUDA GPU or TRITON_INTERPRET=1")
 
     def run(self, batch) -> BackendOutput:
+        if self._choice.uses_vllm:
+            return self._run_vllm(batch)
+        return self._run_stand_in(batch)
+
+    def _run_vllm(self, batch) -> BackendOutput:
+        from impl.vllm import kernels
+
+        kernels.reshape_and_cache_flash(batch.key, batch.value, batch.key_cache, batch.value_cache,
+                                        batch.slot_mapping, k_scale=batch.k_scale, v_scale=batch.v_scale)
+        out = torch.empty_like(batch.query)
+        launch = kernels.unified_attention(
+            batch.query, batch.key_cache, batch.value_cache, out, query_start_loc=batch.query_start_loc,
+            seq_lens=batch.seq_lens, block_table=batch.block_table, max_query_len=max(batch.query_lens()),
+            max_seq_len=int(batch.seq_lens.max()), scale=batch.scale, causal=batch.causal,
+            sliding_window=batch.sliding_window, softcap=batch.softcap, alibi_slopes=batch.alibi_slopes,
+            sinks=batch.sinks, k_scale=batch.k_scale, v_scale=batch.v_scale)
+        return BackendOutput(out, None, info={"provider": self.provider, "kernels": [
+            "vllm triton_reshape_and_cache_flash", f"vllm unified_attention ({launch})"]})
+
+    def _run_stand_in(self, batch) -> BackendOutput:
         if platform.is_interpreter():
             compat.install()
         cache_ops.reshape_and_cache(batch.key, batch.value, batch.key_cache, batch.value_cache,
@@ -97,7 +165,7 @@ class TritonAttnBackend:
             softcap=batch.softcap, alibi_slopes=batch.alibi_slopes, sinks=batch.sinks,
             k_scale=batch.k_scale, v_scale=batch.v_scale, lse=lse,
             max_query_len=max_q, max_seq_len=max_s, split_kv=split)
-        return BackendOutput(out, lse, info={"kernels": ["reshape_and_cache",
+        return BackendOutput(out, lse, info={"provider": self.provider, "kernels": ["reshape_and_cache",
                                                          "unified_attention(3-D split-KV)" if split
                                                          else "unified_attention(2-D)"]})
 

@@ -1,4 +1,4 @@
-"""TRITON_MLA: vLLM's MLA pipeline (research/vllm-backends.md 4.3) on the project's own Triton kernels.
+"""TRITON_MLA: vLLM's MLA pipeline (research/vllm-backends.md 4.3).
 
 Pipeline, per batch (rows ordered decode | extend | prefill, as vLLM reorders them):
 
@@ -21,6 +21,20 @@ The softmax scale is the batch's layer scale (qk_head_dim ** -0.5 * mscale ** 2)
 Every kernel is called through its module (``varlen_attention.varlen_attention``, ...) and the
 small tensor helpers below are module functions, so planted-bug tests can replace them.
 The pipeline returns no LSE (vLLM's MLA layer does not expose one).
+
+TRITON_MLA's kernels come from one of two providers (``impl.vllm``; ``ATTNCHECK_PROVIDER``,
+default: vLLM where it loads):
+
+* ``vllm==<version>``: decode through vLLM's ``decode_attention_fwd(is_mla=True)`` with the
+  split count of vLLM's ``_compute_num_kv_splits``, merges through vLLM's Triton
+  ``merge_attn_states``. Not vLLM's: the latent cache write (vLLM's ``concat_and_cache_mla``
+  and its context gather ``gather_and_maybe_dequant_cache`` are compiled only: the project's
+  Triton ``cache_ops`` write and gather run instead), and the prefill attention, which vLLM on
+  ROCm hands to a flash-attention library (upstream flash-attn or AITER's CK, V padded to 192):
+  AITER's Triton ``flash_attn_varlen_func`` (V padded, as vLLM's FLASH_ATTN prefill backend on
+  ROCm does) where amd-aiter loads, else the project's varlen kernel. The run's ``info``
+  names which.
+* ``attncheck-stand-in``: the project's kernels throughout.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities
 from impl.batch import check_vllm_order
 from impl.triton import cache_ops, mla_decode, varlen_attention
 from impl.triton import merge_attn_states as merge_mod
+from impl.vllm import ProviderChoice
 
 # vLLM's MLA context workspace is at most 64 Ki tokens, shared by the prefills with context.
 WORKSPACE_TOKENS = 64 * 1024
@@ -133,6 +148,9 @@ class MLAPipeline:
                 causal: bool, scale: float):
         raise NotImplementedError
 
+    def _merge(self, out, prefix_out, prefix_lse, suffix_out, suffix_lse, output_lse=None) -> None:
+        merge_mod.merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse, output_lse=output_lse)
+
     # ---- pipeline ---------------------------------------------------------------------------
     def run(self, batch) -> BackendOutput:
         check_vllm_order(batch.row_kinds())  # the decode | prefill split below relies on it
@@ -175,8 +193,8 @@ class MLAPipeline:
             return new_out
         ctx_out, ctx_lse, chunks = self._context(batch, nd, q, cu_q, max_q, qlens, ctx_lens, L, V)
         info["context_chunks"] = chunks
-        out = torch.empty_like(new_out)
-        merge_mod.merge_attn_states(out, ctx_out, ctx_lse, new_out, new_lse)
+        out = torch.empty(new_out.shape, dtype=new_out.dtype, device=new_out.device)
+        self._merge(out, ctx_out, ctx_lse, new_out, new_lse)
         return out
 
     def _attend_v(self, q, k, v, v_dim, cu_q, cu_k, max_q, max_k, q_lens, k_lens, causal, scale):
@@ -214,11 +232,22 @@ class MLAPipeline:
             if acc_out is None:
                 acc_out, acc_lse = o, lse
             else:
-                merged = torch.empty_like(o)
+                merged = torch.empty(o.shape, dtype=o.dtype, device=o.device)
                 merged_lse = torch.empty_like(lse)
-                merge_mod.merge_attn_states(merged, acc_out, acc_lse, o, lse, output_lse=merged_lse)
+                self._merge(merged, acc_out, acc_lse, o, lse, output_lse=merged_lse)
                 acc_out, acc_lse = merged, merged_lse
         return acc_out, acc_lse, num_chunks
+
+
+def aiter_varlen_available() -> bool:
+    """Whether AITER's Triton flash_attn_varlen_func can run in this process."""
+    from impl.aiter import loader as aiter_loader
+
+    try:
+        aiter_loader.load()
+    except aiter_loader.AiterUnavailable:
+        return False
+    return True
 
 
 class TritonMLABackend(MLAPipeline):
@@ -226,8 +255,43 @@ class TritonMLABackend(MLAPipeline):
     decode_threshold = 1
     pad_v = True  # as vLLM on ROCm (its flash attention needs qk dim == v dim)
 
+    def __init__(self, provider: Optional[str] = None):
+        """``provider``: 'auto', 'vllm' or 'stand-in' (None: ATTNCHECK_PROVIDER)."""
+        self._choice = ProviderChoice(provider)
+        self._aiter_prefill: Optional[bool] = None
+
+    @property
+    def provider(self) -> str:
+        return self._choice.provider
+
+    @property
+    def known_issues(self) -> tuple:
+        return ()
+
+    def prefill_kernel(self) -> str:
+        """Which varlen kernel the prefill runs: AITER's Triton one under the vLLM provider where
+        amd-aiter loads (the kernel family of vLLM's ROCm prefill), else the project's."""
+        if not self._choice.uses_vllm:
+            return "own varlen_attention"
+        if self._aiter_prefill is None:
+            self._aiter_prefill = aiter_varlen_available()
+        return "AITER Triton flash_attn_varlen_func" if self._aiter_prefill else "own varlen_attention"
+
     @property
     def capabilities(self) -> Capabilities:
+        if self._choice.uses_vllm:
+            from impl.vllm import kernels
+
+            return Capabilities(
+                dtypes=frozenset({torch.float16, torch.bfloat16}),
+                block_sizes=BlockSizes(multiple_of=16, minimum=16),
+                causal=True, non_causal=False, fp8_kv=kernels.fp8_kv_flavours(), returns_lse=False,
+                notes=("vLLM requires block_size >= 16 for TRITON_MLA (ROCM_AITER_MLA takes block size 1)",
+                       "decode: vLLM's decode_attention_fwd(is_mla=True); merges: vLLM's Triton "
+                       "merge_attn_states",
+                       "latent cache write and context gather: the project's Triton kernels (vLLM's "
+                       "concat_and_cache_mla and gather_and_maybe_dequant_cache are compiled only)",
+                       f"prefill attention (V zero-padded 128 -> 192): {self.prefill_kernel()}"))
         return Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16}),
             block_sizes=BlockSizes(multiple_of=16, minimum=16),
@@ -237,6 +301,12 @@ class TritonMLABackend(MLAPipeline):
                    "varlen attention with V zero-padded 128 -> 192 and sliced back, context chunks merged"))
 
     def availability(self, device) -> Availability:
+        base = self._triton_availability(device)
+        if base.ok and self._choice.error:
+            return Availability.no(self._choice.error)
+        return base
+
+    def _triton_availability(self, device) -> Availability:
         device = torch.device(device)
         if device.type == "cpu":
             if not platform.is_interpreter():
@@ -248,15 +318,50 @@ class TritonMLABackend(MLAPipeline):
             return Availability.yes("ROCm" if platform.is_rocm() else "CUDA")
         return Availability.no(f"device {device}: needs the Triton interpreter (CPU) or a GPU")
 
+    def run(self, batch) -> BackendOutput:
+        result = super().run(batch)
+        vllm = self._choice.uses_vllm
+        ran = ["own cache_ops.reshape_and_cache (latent write)"]
+        if result.info.get("decode_rows"):
+            ran.append("vllm decode_attention_fwd(is_mla)" if vllm else "own mla_decode")
+        if result.info.get("prefill_rows"):
+            ran.append(self.prefill_kernel())
+            if result.info.get("context_chunks"):
+                ran += ["own cache_ops.gather_cache (context)",
+                        "vllm merge_attn_states (Triton)" if vllm else "own merge_attn_states"]
+        result.info.update(provider=self.provider, kernels=ran)
+        return result
+
     def _decode_latent(self, q, batch, entry_tables, kv_lens, max_kv_len):
+        if self._choice.uses_vllm:
+            from impl.vllm import kernels
+
+            o_lat, _ = kernels.mla_decode(q, batch.kv_cache, entry_tables, kv_lens, scale=batch.scale,
+                                          kv_lora_rank=batch.kv_lora_rank, kv_scale=batch.kv_scale,
+                                          max_kv_len=max_kv_len)
+            return o_lat
         o_lat, _ = mla_decode.mla_decode(q, batch.kv_cache, entry_tables, kv_lens, scale=batch.scale,
                                          kv_lora_rank=batch.kv_lora_rank, kv_scale=batch.kv_scale,
                                          max_kv_len=max_kv_len)
         return o_lat
 
     def _attend(self, q, k, v, cu_q, cu_k, max_q, max_k, q_lens, k_lens, causal, scale):
+        if self.prefill_kernel().startswith("AITER"):
+            from impl.aiter import triton_kernels
+
+            return triton_kernels.flash_attn_varlen(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                                    max_seqlen_q=max_q, max_seqlen_k=max_k, scale=scale,
+                                                    causal=causal)
         return varlen_attention.varlen_attention(q, k, v, cu_q, cu_k, scale=scale, causal=causal,
                                                  max_seqlen_q=max_q)
+
+    def _merge(self, out, prefix_out, prefix_lse, suffix_out, suffix_lse, output_lse=None) -> None:
+        if self._choice.uses_vllm:
+            from impl.vllm import kernels
+
+            kernels.merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse, output_lse)
+            return
+        super()._merge(out, prefix_out, prefix_lse, suffix_out, suffix_lse, output_lse)
 
 
 BACKENDS = (TritonMLABackend,)  # what impl.backends.builtin_backends() registers from this module

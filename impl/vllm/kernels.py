@@ -52,6 +52,13 @@ def _scale_tensor(value, device) -> torch.Tensor:
     return torch.tensor([float(value)], dtype=torch.float32, device=device)
 
 
+def fp8_kv_flavours() -> frozenset:
+    """The fp8 KV flavour vLLM's kernels read here: its platform's fp8 dtype only (vLLM views
+    every fp8 cache as it: e4m3fnuz on gfx94x, e4m3fn elsewhere)."""
+    fnuz = loader.load().fp8_dtype is torch.float8_e4m3fnuz
+    return frozenset({"fp8_e4m3fnuz" if fnuz else "fp8_e4m3fn"})
+
+
 def vllm_kv_cache_dtype(cache: torch.Tensor, name: str = "key_cache") -> str:
     """vLLM's kv_cache_dtype string for a cache tensor: 'auto', or 'fp8' when the cache is the
     platform's fp8 dtype (any other fp8 flavour is refused: vLLM would reinterpret its bits)."""

@@ -1,0 +1,115 @@
+"""Providers: which implementation a backend runs, and what its verdicts say about it.
+
+The preference comes from ATTNCHECK_PROVIDER (auto | vllm | stand-in); ``provider_error`` says
+up front whether it can be honoured; every backend object names its provider.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import impl.vllm as provider_mod
+from impl.backends.flex_attention import FlexAttentionBackend
+from impl.backends.rocm_aiter_fa import AiterFABackend
+from impl.backends.rocm_aiter_mla import AiterMLABackend
+from impl.backends.rocm_aiter_unified_attn import AiterUnifiedAttnBackend
+from impl.backends.rocm_attn import RocmAttnBackend
+from impl.backends.torch_sdpa import TorchSDPABackend
+from impl.backends.triton_attn import TritonAttnBackend
+from impl.backends.triton_mla import TritonMLABackend
+from impl.vllm import loader
+
+pytestmark = pytest.mark.smoke
+VLLM_BACKENDS = (TritonAttnBackend, RocmAttnBackend, TritonMLABackend)
+
+VERSION, NO_SOURCE = None, None
+try:
+    VERSION = loader.find_source().version
+except loader.VllmUnavailable as e:
+    NO_SOURCE = str(e)
+needs_vllm = pytest.mark.skipif(VERSION is None, reason=f"vLLM's sources are not here: {NO_SOURCE}")
+
+
+def test_preference_from_env():
+    assert provider_mod.preference_from_env({}) == "auto"
+    assert provider_mod.preference_from_env({"ATTNCHECK_PROVIDER": " Stand-In "}) == "stand-in"
+    assert provider_mod.preference_from_env({"ATTNCHECK_PROVIDER": "vllm"}) == "vllm"
+    with pytest.raises(ValueError, match=r"^ATTNCHECK_PROVIDER: expected one of auto, vllm, stand-in, got 'aiter'$"):
+        provider_mod.preference_from_env({"ATTNCHECK_PROVIDER": "aiter"})
+
+
+def test_provider_error_for_preferences_that_need_nothing():
+    assert provider_mod.provider_error("auto") is None
+    assert provider_mod.provider_error("stand-in") is None
+    with pytest.raises(ValueError, match="preference: expected one of"):
+        provider_mod.provider_error("VLLM ")
+
+
+@needs_vllm
+def test_vllm_preference_is_honoured_here():
+    assert provider_mod.provider_error("vllm") is None
+    for cls in VLLM_BACKENDS:
+        be = cls(provider="vllm")
+        assert be.provider == f"vllm=={VERSION}"
+        assert be.availability(torch.device("cpu")).ok
+
+
+def test_every_backend_names_its_provider():
+    torch_provider = f"torch=={torch.__version__}"
+    assert TorchSDPABackend().provider == torch_provider and FlexAttentionBackend().provider == torch_provider
+    for cls in (AiterFABackend, AiterUnifiedAttnBackend, AiterMLABackend):
+        assert cls().provider.startswith("amd-aiter")
+    for cls in VLLM_BACKENDS:
+        assert cls(provider="stand-in").provider == "attncheck-stand-in"
+        assert cls().provider in (f"vllm=={VERSION}", "attncheck-stand-in")
+
+
+@needs_vllm
+def test_auto_means_vllm_where_it_loads_and_the_stand_in_capabilities_differ():
+    for cls in VLLM_BACKENDS:
+        assert cls(provider="auto").provider == f"vllm=={VERSION}"
+    # the stand-ins return an LSE where vLLM's MHA kernels have none
+    assert TritonAttnBackend(provider="stand-in").capabilities.returns_lse
+    assert not TritonAttnBackend(provider="vllm").capabilities.returns_lse
+    assert RocmAttnBackend(provider="vllm").known_issues and not RocmAttnBackend(provider="stand-in").known_issues
+
+
+UNLOADABLE = """
+import torch
+import impl.vllm as p
+from impl.backends.triton_attn import TritonAttnBackend
+from attncheck import harness
+print("ERROR", p.provider_error("vllm"))
+auto, forced = TritonAttnBackend(), TritonAttnBackend(provider="vllm")
+print("AUTO", auto.provider, harness.run_backend(auto, "decode-h8x2-d64-bs16-bf16").status)
+a = forced.availability(torch.device("cpu"))
+print("FORCED", forced.provider, a.ok, a.reason)
+"""
+
+
+@pytest.mark.slow
+def test_where_vllm_cannot_load_auto_runs_the_stand_in_and_vllm_is_refused(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", ATTNCHECK_VLLM_SRC=str(tmp_path / "nowhere"))
+    env.pop("ATTNCHECK_PROVIDER", None)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(UNLOADABLE)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines["ERROR"].startswith("vLLM's kernels cannot run here: ATTNCHECK_VLLM_SRC=")
+    assert "no such folder" in lines["ERROR"] and "\n" not in lines["ERROR"]
+    assert lines["AUTO"] == "attncheck-stand-in pass"
+    assert lines["FORCED"].startswith("vllm (unavailable) False vLLM's kernels cannot run here: ATTNCHECK_VLLM_SRC=")
+
+
+@pytest.mark.slow
+def test_env_preference_reaches_backends_built_by_the_registry():
+    code = ("from attncheck.backends import get_backend; "
+            "print(get_backend('TRITON_ATTN').provider, get_backend('ROCM_ATTN').provider)")
+    env = dict(os.environ, TRITON_INTERPRET="1", ATTNCHECK_PROVIDER="stand-in")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["attncheck-stand-in", "attncheck-stand-in"]
