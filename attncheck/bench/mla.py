@@ -1,5 +1,8 @@
 """``attncheck bench`` rows: MLA absorbed decode, own kernel vs AITER's, same data.
 
+Rows: the project's own decode kernel, AITER's Triton one and vLLM's ``decode_attention_fwd``
+(with vLLM's own split count), all on the same data.
+
 Shape (the issue's row): 64 sequences x 4096 keys of context, 16 heads per rank (DeepSeek-V3 at
 TP8), bf16, latent cache ``[nb, 16, 576]`` with a shuffled block table. Work = bytes of latent
 cache read (``batch * context * 576 * element size``); ``attncheck bench`` turns the median time
@@ -65,4 +68,14 @@ def rows(device, batch: int = 64, context: int = 4096, heads: int = 16, dtype: t
             use_rope=False, is_neox_style=False, config=triton_decode_config(device))
         return a_out
 
-    return [(f"{OWN_LABEL}, {splits} splits", own, nbytes), (f"{AITER_LABEL}, {splits} splits", aiter, nbytes)]
+    result = [(f"{OWN_LABEL}, {splits} splits", own, nbytes), (f"{AITER_LABEL}, {splits} splits", aiter, nbytes)]
+    from impl.vllm import bench_rows as vllm_rows, loader as vllm_loader  # noqa: PLC0415 (vLLM is optional)
+
+    try:
+        vllm_loader.load()
+    except vllm_loader.VllmUnavailable as e:
+        return result + [(vllm_rows.MLA_DECODE_ROW, vllm_rows.unavailable(e), nbytes)]
+    for label, fn in vllm_rows.mla_decode_rows(q, cache, table, kv_lens, scale=scale, kv_lora_rank=kv_lora_rank,
+                                               max_kv_len=context):
+        result.append((label, fn, nbytes))
+    return result

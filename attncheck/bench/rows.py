@@ -91,6 +91,38 @@ def backend_callable(name: str, shape, device):
     return lambda: be.run(b)
 
 
+def vllm_entries(shape, device, chosen) -> list:
+    """Last in each shape: vLLM's kernels alone, and TRITON_ATTN / ROCM_ATTN under the provider
+    the registry rows did not time (a row that cannot be built says why in the table)."""
+    from impl.vllm import bench_rows, loader
+
+    try:
+        loader.load()
+    except loader.VllmUnavailable as e:
+        return [(bench_rows.UNIFIED_KERNEL_ROW, lambda e=e: bench_rows.unavailable(e))]
+    batch = make_batch(shape, device)
+    names = [n for n in ("TRITON_ATTN", "ROCM_ATTN") if n in chosen]
+    other = {n: "stand-in" if registry.get_backend(n).provider.startswith("vllm") else "vllm" for n in names}
+    rows = [(label, lambda fn=fn: fn) for label, fn in bench_rows.kernel_rows(batch)]
+    for n in names:
+        rows += [(label, lambda fn=fn: fn) for label, fn in provider_backend_rows(batch, (n,), (other[n],))]
+    return rows
+
+
+def provider_backend_rows(batch, names=("TRITON_ATTN", "ROCM_ATTN"), providers=("vllm", "stand-in")) -> list:
+    """One ``run(batch)`` per backend and provider, labelled with the provider (cache write
+    included; ROCM_ATTN's vLLM pipeline also converts the NHD cache to vLLM's layout and back on
+    every call, which the label says)."""
+    rows = []
+    for name in names:
+        cls = type(registry.get_backend(name))
+        for preference in providers:
+            be = cls(provider=preference)
+            extra = ", NHD <-> vLLM layout each call" if name == "ROCM_ATTN" and preference == "vllm" else ""
+            rows.append((f"{name} [{be.provider}] backend (write + attend{extra})", lambda be=be: be.run(batch)))
+    return rows
+
+
 def aiter_rows(shapes=AITER_SHAPES, device="cuda") -> list:
     """[(row name, callable)]: AITER's unified kernel and both AITER backends per shape."""
     out = []
@@ -119,8 +151,9 @@ def run(backends=None, shapes=MHA_SHAPES, device="cuda", with_mla=True, out=sys.
         entries = [(SDPA_ROW, lambda s=shape: sdpa_callable(s, device)),
                    (AITER_KERNEL_ROW, lambda s=shape: aiter_unified_callable(s, device)),
                    (OWN_KERNEL_ROW, lambda s=shape: own_unified_callable(s, device))]
-        entries += [(f"{n} backend (write + attend)", lambda s=shape, n=n: backend_callable(n, s, device))
-                    for n in chosen]
+        entries += [(f"{n} [{registry.get_backend(n).provider}] backend (write + attend)",
+                     lambda s=shape, n=n: backend_callable(n, s, device)) for n in chosen]
+        entries += vllm_entries(shape, device, chosen)
         shape_rows = []
         for label, make in entries:
             try:

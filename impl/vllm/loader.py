@@ -316,10 +316,15 @@ def _patch_regex_alias(state: Loaded) -> None:
     sys.modules.setdefault("regex", re)
 
 
+def regex_installed() -> bool:
+    """Whether the third-party regex module is on sys.path (this patch's alias does not count)."""
+    if sys.modules.get("regex") not in (None, re):
+        return True
+    return importlib.machinery.PathFinder.find_spec("regex") is not None
+
+
 def _regex_installed(state: Loaded) -> Optional[str]:
-    if "regex" in sys.modules and sys.modules["regex"] is not re:
-        return "regex is installed"
-    return "regex is installed" if importlib.util.find_spec("regex") is not None else None
+    return "regex is installed" if regex_installed() else None
 
 
 def _patch_block_compiled_extensions(state: Loaded) -> None:

@@ -136,8 +136,17 @@ def test_bench_rows_run_and_agree_small(device):
     # the `attncheck bench` MLA rows at toy size: both decode kernels see the same cache and agree
     from attncheck.bench import mla as mla_bench
 
+    from impl.vllm import bench_rows as vllm_rows
+
     rows = mla_bench.rows(device, batch=2, context=40, heads=16, num_splits=2)
-    assert [r[0].split(",")[0] for r in rows] == [mla_bench.OWN_LABEL, mla_bench.AITER_LABEL]
+    assert [r[0].split(",")[0] for r in rows] == [mla_bench.OWN_LABEL, mla_bench.AITER_LABEL,
+                                                  vllm_rows.MLA_DECODE_ROW]
     assert rows[0][2] == 2 * 40 * 576 * 2
-    own, aiter = (fn().float().cpu() for _, fn, _ in rows)
+    own, aiter = (fn().float().cpu() for _, fn, _ in rows[:2])
     assert torch.isfinite(own).all() and (own - aiter).abs().max() < 2e-2
+    try:  # the third row: vLLM's decode on the same cache (or the reason it cannot run here)
+        vllm = rows[2][1]().float().cpu()
+    except RuntimeError as e:
+        assert "vLLM not loadable" in str(e)
+    else:
+        assert (own - vllm).abs().max() < 2e-2

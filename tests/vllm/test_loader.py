@@ -205,9 +205,7 @@ def test_without_stub_package_vllm_init_changes_the_process():
 
 @slow_fresh
 def test_without_regex_alias_nothing_imports():
-    import importlib.util
-
-    if importlib.util.find_spec("regex") is not None:
+    if loader.regex_installed():
         pytest.skip("the regex module is installed here, so the alias is not needed")
     _fails_with(_run(["describe"], **_off("regex_alias")), "No module named 'regex'")
 

@@ -40,6 +40,9 @@ def _run(backend, case):
 
 def _passes(backend, case):
     v = _run(backend, case)
+    if v.status == "xfail" and DEV == "cuda" and case.dtype == "fp32":
+        assert "TF32" in v.reason, v.reason  # the declared known issue (vLLM's fp32 dots on NVIDIA)
+        return v
     assert v.status == "pass", f"{v.reason}\n{v.report}"
     return v
 

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# vLLM's own kernels on the GPU (device machine: torch + Triton preinstalled, no network).
+#
+# Usage: bash scripts/gpu/vllm.sh [PART...]      PART: env tests smoke full large bench (default: all)
+#
+# vLLM's sources travel as an extracted folder (~40 .py files, < 1 MB): on a machine with vLLM
+# installed (pip install --no-deps vllm==0.33.0), run `python -m impl.vllm.extract .gpu/vllm-src`
+# in the repository and carry `.gpu` (it also holds the installed amd-aiter copy in .gpu/site that
+# scripts/gpu_verify.sh uses). ATTNCHECK_VLLM_SRC defaults to that folder.
+# Each tier runs TRITON_ATTN ROCM_ATTN TRITON_MLA twice: provider vllm (vLLM's kernels) and
+# provider stand-in (the project's kernels). Logs and JSON go to $OUT.
+set -u
+OUT=${OUT:-/tmp/attncheck-out}; mkdir -p "$OUT"
+export ATTNCHECK_VLLM_SRC=${ATTNCHECK_VLLM_SRC:-$PWD/.gpu/vllm-src}
+export PYTHONPATH=$PWD/.gpu/site:$PWD
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET ATTNCHECK_PROVIDER
+BACKENDS="TRITON_ATTN ROCM_ATTN TRITON_MLA"
+AC="python3 -m attncheck.cli"
+status=0
+
+verify() {  # verify TIER PROVIDER
+  ATTNCHECK_PROVIDER=$2 $AC verify --device cuda --tier "$1" --backend $BACKENDS --json "$OUT/$1-$2.json" \
+    > "$OUT/$1-$2.log" 2>&1 || status=1
+  echo "== $1 tier, provider $2"; grep -v "^  .* known issue" "$OUT/$1-$2.log" | tail -25
+}
+
+parts=${*:-env tests smoke full large bench}
+for part in $parts; do
+case "$part" in
+  env)
+    python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
+import torch, triton, platform
+print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name(0), "SMs", torch.cuda.get_device_properties(0).multi_processor_count)
+from impl.vllm import loader
+print(loader.load().describe())
+PY
+    ;;
+  tests)
+    python3 -m pytest tests/vllm --device cuda -q -p no:cacheprovider -o addopts= -rfEs 2>&1 \
+      | tee "$OUT/tests-vllm.log" | tail -30
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
+  smoke|full|large)
+    verify "$part" vllm
+    verify "$part" stand-in ;;
+  bench)
+    $AC bench --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
+    tail -90 "$OUT/bench.log" ;;
+  *) echo "unknown part $part (expected env tests smoke full large bench)"; exit 2 ;;
+esac
+done
+python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+# one line per tier x provider: counts and the worst error/budget ratio per backend
+import json, sys, collections
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).glob("*-*.json")):
+    if path.name == "bench.json":
+        continue
+    data = json.loads(path.read_text())
+    per = collections.defaultdict(lambda: collections.Counter())
+    worst = collections.defaultdict(float)
+    provs = collections.defaultdict(set)
+    for v in data.get("verdicts", []):
+        per[v["backend"]][v["status"]] += 1
+        worst[v["backend"]] = max(worst[v["backend"]], v.get("worst_ratio") or 0.0)
+        provs[v["backend"]].add(v.get("provider", "?"))
+    for b in sorted(per):
+        c = per[b]
+        print(f"{path.stem:16} {b:12} {'/'.join(sorted(provs[b])):20} pass {c['pass']:3} fail {c['fail']:2} "
+              f"xfail {c['xfail']:2} error {c['error']:2} skip {c['skip']:2} worst {worst[b]:.2f}")
+PY
+exit $status
