@@ -28,23 +28,29 @@ except loader.VllmUnavailable as e:
 pytestmark = [pytest.mark.smoke,
               pytest.mark.skipif(STATE is None, reason=f"vLLM's kernels cannot load here: {NO_VLLM}"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = "fp8_e4m3fnuz" if STATE is not None and "gfx94" in STATE.arch else "fp8_e4m3fn"
 
 
-def _run(backend, case):
-    v = harness.run_backend(backend, case, device=DEV)
-    assert v.status != "error", v.report
-    return v
-
-
-def _passes(backend, case):
-    v = _run(backend, case)
-    if v.status == "xfail" and DEV == "cuda" and case.dtype == "fp32":
-        assert "TF32" in v.reason, v.reason  # the declared known issue (vLLM's fp32 dots on NVIDIA)
+@pytest.fixture
+def run(device):
+    """Judge a backend on a case on this run's device (an error is never a result here)."""
+    def judge(backend, case):
+        v = harness.run_backend(backend, case, device=device)
+        assert v.status != "error", v.report
         return v
-    assert v.status == "pass", f"{v.reason}\n{v.report}"
-    return v
+    return judge
+
+
+@pytest.fixture
+def passes(run, device):
+    def judge(backend, case):
+        v = run(backend, case)
+        if v.status == "xfail" and device == "cuda" and case.dtype == "fp32":
+            assert "TF32" in v.reason, v.reason  # the declared known issue (vLLM's fp32 dots on NVIDIA)
+            return v
+        assert v.status == "pass", f"{v.reason}\n{v.report}"
+        return v
+    return judge
 
 
 # ---- TRITON_ATTN -------------------------------------------------------------------------------
@@ -70,12 +76,12 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("case,launch", TRITON_CASES, ids=[c.name for c, _ in TRITON_CASES])
-def test_triton_attn_vllm_paths(case, launch):
-    v = _passes(TritonAttnBackend(provider="vllm"), case)
+def test_triton_attn_vllm_paths(case, launch, passes):
+    v = passes(TritonAttnBackend(provider="vllm"), case)
     assert v.details["info"]["kernels"][-1] == f"vllm unified_attention ({launch})"
 
 
-def test_launch_prediction_matches_what_vllm_launches(monkeypatch):
+def test_launch_prediction_matches_what_vllm_launches(monkeypatch, device):
     """The '2-D'/'3-D' label comes from reproducing vLLM's decision; check it against the launch
     vLLM's wrapper really makes (its segment reduce runs only after a 3-D launch)."""
     mod = loader.kernel_module("triton_unified_attention")
@@ -90,12 +96,12 @@ def test_launch_prediction_matches_what_vllm_launches(monkeypatch):
     be = TritonAttnBackend(provider="vllm")
     for case, launch in TRITON_CASES[:6]:
         calls.clear()
-        v = harness.run_backend(be, case, device=DEV)
+        v = harness.run_backend(be, case, device=device)
         assert v.details["info"]["kernels"][-1].endswith(f"({launch})")
         assert bool(calls) == (launch == "3-D"), case.name
 
 
-def test_planted_bug_in_vllms_split_kv_path_is_caught(monkeypatch):
+def test_planted_bug_in_vllms_split_kv_path_is_caught(monkeypatch, run, passes):
     """A split-KV launch that gets one softmax segment too few (the last keys are dropped)."""
     mod = loader.kernel_module("triton_unified_attention")
     real = mod.unified_attention
@@ -106,9 +112,9 @@ def test_planted_bug_in_vllms_split_kv_path_is_caught(monkeypatch):
         return real(*args, **kw)
 
     case = TRITON_CASES[0][0]
-    _passes(TritonAttnBackend(provider="vllm"), case)
+    passes(TritonAttnBackend(provider="vllm"), case)
     monkeypatch.setattr(mod, "unified_attention", short_segments)
-    v = _run(TritonAttnBackend(provider="vllm"), case)
+    v = run(TritonAttnBackend(provider="vllm"), case)
     assert v.status == "fail", v.report
 
 
@@ -127,8 +133,8 @@ ROCM_CASES = [
 
 
 @pytest.mark.parametrize("case", ROCM_CASES, ids=[c.name for c in ROCM_CASES])
-def test_rocm_attn_vllm_paths(case):
-    v = _passes(RocmAttnBackend(provider="vllm"), case)
+def test_rocm_attn_vllm_paths(case, passes):
+    v = passes(RocmAttnBackend(provider="vllm"), case)
     kinds = " ".join(v.details["info"]["kernels"])
     assert ("prefix prefill" in kinds) == (max(case.query_lens) > 1)
     assert ("kernel_paged_attention_2d" in kinds) == (min(case.query_lens) == 1)
@@ -143,14 +149,14 @@ KNOWN = [
 
 
 @pytest.mark.parametrize("case,why", KNOWN, ids=[c.name for c, _ in KNOWN])
-def test_rocm_attn_known_vllm_bugs_fail_and_are_declared(case, why):
-    v = _run(RocmAttnBackend(provider="vllm"), case)
+def test_rocm_attn_known_vllm_bugs_fail_and_are_declared(case, why, run):
+    v = run(RocmAttnBackend(provider="vllm"), case)
     assert v.status == "xfail" and why in v.reason, v.report
     assert v.worst_ratio > 1.0
-    assert _run(RocmAttnBackend(provider="stand-in"), case).status == "pass"
+    assert run(RocmAttnBackend(provider="stand-in"), case).status == "pass"
 
 
-def test_layout_round_trip_is_exact_and_matches_vllms_writer():
+def test_layout_round_trip_is_exact_and_matches_vllms_writer(device):
     """NHD -> 5-D K / 4-D V -> NHD keeps every bit (NaN poison included), and a token written by
     vLLM's writer into the 5-D layout lands where the reference NHD write puts it."""
     g = torch.Generator().manual_seed(5)
@@ -167,12 +173,12 @@ def test_layout_round_trip_is_exact_and_matches_vllms_writer():
         kernels.nhd_from_rocm_attn_layout(k5, v4, k2, v2)
         assert torch.equal(k2.view(torch.uint8), kc.view(torch.uint8))
         assert torch.equal(v2.view(torch.uint8), vc.view(torch.uint8))
-    new_k = torch.randn(2, 2, 64, generator=g).half()
-    new_v = torch.randn(2, 2, 64, generator=g).half()
-    kc = torch.zeros(3, 16, 2, 64, dtype=torch.float16)
+    new_k = torch.randn(2, 2, 64, generator=g).half().to(device)
+    new_v = torch.randn(2, 2, 64, generator=g).half().to(device)
+    kc = torch.zeros(3, 16, 2, 64, dtype=torch.float16, device=device)
     vc = torch.zeros_like(kc)
     k5, v4 = kernels.rocm_attn_layout(kc, vc)
-    kernels.reshape_and_cache_flash(new_k, new_v, k5, v4, torch.tensor([5, 40]))
+    kernels.reshape_and_cache_flash(new_k, new_v, k5, v4, torch.tensor([5, 40], device=device))
     kernels.nhd_from_rocm_attn_layout(k5, v4, kc, vc)
     assert torch.equal(kc[0, 5], new_k[0]) and torch.equal(kc[2, 8], new_k[1])
     assert torch.equal(vc[0, 5], new_v[0]) and torch.equal(vc[2, 8], new_v[1])
@@ -209,8 +215,8 @@ MLA_CASES = [
 
 
 @pytest.mark.parametrize("case", MLA_CASES, ids=[c.name for c in MLA_CASES])
-def test_triton_mla_vllm_paths(case):
-    v = _passes(TritonMLABackend(provider="vllm"), case)
+def test_triton_mla_vllm_paths(case, passes):
+    v = passes(TritonMLABackend(provider="vllm"), case)
     ran = v.details["info"]["kernels"]
     assert "vllm decode_attention_fwd(is_mla)" in ran
     assert ("vllm merge_attn_states (Triton)" in ran) == bool(v.details["info"].get("context_chunks"))
@@ -223,7 +229,7 @@ def test_mla_split_count_follows_vllm():
     assert kernels.mla_num_kv_splits(2100) == min(4, 2 * loader.load().num_sms)
 
 
-def test_planted_merge_without_both_neg_inf_guard_is_caught(monkeypatch):
+def test_planted_merge_without_both_neg_inf_guard_is_caught(monkeypatch, run):
     """vLLM's Triton merge once had no guard for two -inf LSEs (research notes, bug 12): the
     zero-context prefill's rows meet -inf on both sides in the chunked context merge."""
     mod = loader.kernel_module("triton_merge_attn_states")
@@ -240,5 +246,5 @@ def test_planted_merge_without_both_neg_inf_guard_is_caught(monkeypatch):
 
     case = MLA_CASES[1]
     monkeypatch.setattr(mod, "merge_attn_states", unguarded)
-    v = _run(TritonMLABackend(provider="vllm"), case)
+    v = run(TritonMLABackend(provider="vllm"), case)
     assert v.status == "fail" and "NaN" in v.report, v.report
