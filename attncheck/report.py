@@ -66,6 +66,15 @@ def matrix(verdicts: list) -> dict:
     return {b: dict(fams) for b, fams in out.items()}
 
 
+def providers(verdicts: list) -> dict:
+    """{backend: the provider(s) its verdicts ran, e.g. "vllm==0.33.0"} (a comma-separated list
+    if a run mixed providers)."""
+    seen: dict = defaultdict(set)
+    for v in verdicts:
+        seen[v.backend].add(v.provider or "?")
+    return {b: ", ".join(sorted(p)) for b, p in seen.items()}
+
+
 def _cell_text(c: dict) -> str:
     text = " ".join(f"{c[s]}{tag}" for s, tag in CELL_TAGS if c[s]) or "-"
     if c["unrated_failures"]:
@@ -80,8 +89,9 @@ def render_matrix(verdicts: list) -> str:
     if not m:
         return "(no results)"
     fams = sorted({f for b in m.values() for f in b if f != "ALL"}) + ["ALL"]
-    rows = [[b] + [_cell_text(m[b][f]) if f in m[b] else "" for f in fams] for b in sorted(m)]
-    return tabulate(rows, headers=["backend"] + fams, tablefmt="simple") + "\n\n" + LEGEND
+    prov = providers(verdicts)
+    rows = [[b, prov[b]] + [_cell_text(m[b][f]) if f in m[b] else "" for f in fams] for b in sorted(m)]
+    return tabulate(rows, headers=["backend", "provider"] + fams, tablefmt="simple") + "\n\n" + LEGEND
 
 
 def _indented_report(v: Verdict) -> list:
@@ -160,7 +170,8 @@ def json_report(verdicts: list, settings, environment: dict, extra: dict | None 
     ``sweep``: ``sweep_report``)."""
     return json_safe({"device": settings.device, "tier": settings.tier, "provider": settings.provider,
                       "counts": counts(verdicts), "verdicts": [v.as_dict() for v in verdicts],
-                      "matrix": matrix(verdicts), "environment": environment, **(extra or {})})
+                      "matrix": matrix(verdicts), "providers": providers(verdicts), "environment": environment,
+                      **(extra or {})})
 
 
 def write_json(path, verdicts: list, settings, environment: dict, extra: dict | None = None) -> None:

@@ -3,15 +3,15 @@
 #
 # Usage: bash scripts/gpu/vllm.sh [PART...]      PART: env tests smoke full large bench (default: all)
 #
-# vLLM's sources travel as an extracted folder (~40 .py files, < 1 MB): on a machine with vLLM
-# installed (pip install --no-deps vllm==0.33.0), run `python -m impl.vllm.extract .gpu/vllm-src`
+# vLLM's sources travel as an extracted folder (39 .py files, < 1 MB): on a machine with vLLM
+# installed (pip install --no-deps vllm==0.33.0), run `python -m impl.vllm.extract .gpu/vllm_src`
 # in the repository and carry `.gpu` (it also holds the installed amd-aiter copy in .gpu/site that
 # scripts/gpu_verify.sh uses). ATTNCHECK_VLLM_SRC defaults to that folder.
 # Each tier runs TRITON_ATTN ROCM_ATTN TRITON_MLA twice: provider vllm (vLLM's kernels) and
 # provider stand-in (the project's kernels). Logs and JSON go to $OUT.
 set -u
 OUT=${OUT:-/tmp/attncheck-out}; mkdir -p "$OUT"
-export ATTNCHECK_VLLM_SRC=${ATTNCHECK_VLLM_SRC:-$PWD/.gpu/vllm-src}
+export ATTNCHECK_VLLM_SRC=${ATTNCHECK_VLLM_SRC:-$PWD/.gpu/vllm_src}
 export PYTHONPATH=$PWD/.gpu/site:$PWD
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET ATTNCHECK_PROVIDER
@@ -53,23 +53,33 @@ PY
 esac
 done
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
-# one line per tier x provider: counts and the worst error/budget ratio per backend
+# per tier x provider x backend: counts and the worst error/budget ratio; then every verdict that
+# did not pass (float32 xfails are the declared TF32 issue: their numbers are printed here)
 import json, sys, collections
 from pathlib import Path
+others = []
 for path in sorted(Path(sys.argv[1]).glob("*-*.json")):
     if path.name == "bench.json":
         continue
     data = json.loads(path.read_text())
-    per = collections.defaultdict(lambda: collections.Counter())
+    per = collections.defaultdict(collections.Counter)
     worst = collections.defaultdict(float)
     provs = collections.defaultdict(set)
     for v in data.get("verdicts", []):
-        per[v["backend"]][v["status"]] += 1
-        worst[v["backend"]] = max(worst[v["backend"]], v.get("worst_ratio") or 0.0)
-        provs[v["backend"]].add(v.get("provider", "?"))
+        b = v["backend"]
+        per[b][v["status"]] += 1
+        worst[b] = max(worst[b], float(v.get("worst_ratio") or 0.0))
+        provs[b].add(v.get("provider", "?"))
+        if v["status"] in ("fail", "xfail", "error"):
+            row = (v.get("failing_rows") or [{}])[0]
+            others.append(f"{path.stem:16} {b:12} {v['status']:5} {v['case']:44} ratio {v.get('worst_ratio')} "
+                          f"error {row.get('error')} budget {row.get('budget')} {row.get('check', '')} "
+                          f"| {v.get('reason', '')[:120]}")
     for b in sorted(per):
         c = per[b]
         print(f"{path.stem:16} {b:12} {'/'.join(sorted(provs[b])):20} pass {c['pass']:3} fail {c['fail']:2} "
               f"xfail {c['xfail']:2} error {c['error']:2} skip {c['skip']:2} worst {worst[b]:.2f}")
+print("-- not passed:")
+print("\n".join(others) or "(none)")
 PY
 exit $status

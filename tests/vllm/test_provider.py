@@ -113,3 +113,45 @@ def test_env_preference_reaches_backends_built_by_the_registry():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["attncheck-stand-in", "attncheck-stand-in"]
+
+
+@pytest.mark.slow
+def test_cli_asking_for_vllm_where_it_cannot_load_is_a_one_line_error(tmp_path):
+    env = dict(os.environ, ATTNCHECK_VLLM_SRC=str(tmp_path / "nowhere"))
+    env.pop("ATTNCHECK_PROVIDER", None)
+    report = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "attncheck.cli", "verify", "--device", "cpu", "--provider", "vllm",
+                        "--backend", "TRITON_ATTN", "--json", str(report)],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.startswith("attncheck verify: provider vllm: vLLM's kernels cannot run here: "
+                               "ATTNCHECK_VLLM_SRC="), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not report.exists() and r.stdout == ""
+
+
+@needs_vllm
+def test_tf32_is_declared_for_vllms_float32_on_cuda_only():
+    for cls in VLLM_BACKENDS:
+        tf32 = [k for k in cls(provider="vllm").known_issues if "TF32" in k.reason]
+        assert len(tf32) == 1 and tf32[0].platform == "cuda", cls.name
+        assert tf32[0].applies({"torch_dtype": torch.float32})
+        assert not tf32[0].applies({"torch_dtype": torch.bfloat16}) and not tf32[0].applies({"torch_dtype": torch.float16})
+        assert not cls(provider="stand-in").known_issues, cls.name
+
+
+def test_matrix_and_json_name_each_backends_provider():
+    from types import SimpleNamespace
+
+    from attncheck import report
+    from attncheck.harness import Verdict
+
+    verdicts = [Verdict(backend="TRITON_ATTN", case="c1", status="pass", provider="vllm==0.33.0", family="decode",
+                        worst_ratio=0.25),
+                Verdict(backend="ROCM_ATTN", case="c1", status="pass", provider="attncheck-stand-in",
+                        family="decode", worst_ratio=0.5)]
+    rows = {line.split()[0]: line.split()[1] for line in report.render_matrix(verdicts).splitlines()
+            if line.startswith(("TRITON_ATTN", "ROCM_ATTN"))}
+    assert rows == {"TRITON_ATTN": "vllm==0.33.0", "ROCM_ATTN": "attncheck-stand-in"}
+    settings = SimpleNamespace(device="cpu", tier="smoke", provider=None)
+    assert report.json_report(verdicts, settings, {})["providers"] == rows
