@@ -40,12 +40,17 @@ VLLM_HEAD_SIZES = frozenset(range(32, 257))
 # vLLM's kernels leave tl.dot's input_precision at Triton's default, which is TF32 on NVIDIA
 # GPUs: their float32 results are TF32-accurate only. Declared for every float32 case on CUDA;
 # a case where it does not reproduce is noted as such in the verdict's report.
-TF32_ISSUE = KnownIssue(
-    reason="vLLM's Triton attention kernels run their float32 tl.dot in TF32 on NVIDIA GPUs "
-           "(Triton's default input_precision; issue 11 saw about 1.5e-3 off a float32 reference on "
-           "an H200, beyond the fp32 budget; this case's numbers: worst_ratio and failing_rows)",
-    issue="attncheck issue 11", platform="cuda",
-    applies=lambda params: params.get("torch_dtype") == torch.float32)
+TF32_REASON = ("vLLM's Triton attention kernels run their float32 tl.dot in TF32 on NVIDIA GPUs "
+               "(Triton's default input_precision; issue 11 saw about 1.5e-3 off a float32 reference "
+               "on an H200, beyond the fp32 budget; this case's numbers: worst_ratio and failing_rows)")
+
+
+def tf32_issue(backend: str) -> KnownIssue:
+    """The TF32 issue as ``backend`` (a backend running vLLM's kernels) declares it."""
+    return KnownIssue(backend=backend, reason=TF32_REASON, link="attncheck issue 11", platform="cuda",
+                      dtypes={"fp32"})
+
+
 # a budget limit of the stand-in sweep rows, whichever provider runs (the sweep found it on the
 # stand-in kernels; for vLLM's kernels a case where it does not reproduce is noted as such)
 SWEEP_FP32_BUDGET_GAP = KnownIssue(
@@ -76,7 +81,7 @@ class TritonAttnBackend:
 
     @property
     def known_issues(self) -> tuple:
-        return (SWEEP_FP32_BUDGET_GAP,) + ((TF32_ISSUE,) if self._choice.uses_vllm else ())
+        return (SWEEP_FP32_BUDGET_GAP,) + ((tf32_issue(self.name),) if self._choice.uses_vllm else ())
 
     @property
     def capabilities(self) -> Capabilities:

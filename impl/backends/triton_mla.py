@@ -45,7 +45,7 @@ import torch
 
 from impl import platform
 from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities
-from impl.backends.triton_attn import TF32_ISSUE
+from impl.backends.triton_attn import tf32_issue
 from impl.batch import check_vllm_order
 from impl.triton import cache_ops, mla_decode, varlen_attention
 from impl.triton import merge_attn_states as merge_mod
@@ -267,7 +267,7 @@ class TritonMLABackend(MLAPipeline):
 
     @property
     def known_issues(self) -> tuple:
-        return (TF32_ISSUE,) if self._choice.uses_vllm else ()
+        return (tf32_issue(self.name),) if self._choice.uses_vllm else ()
 
     def prefill_kernel(self) -> str:
         """Which varlen kernel the prefill runs: AITER's Triton one under the vLLM provider where

@@ -6,7 +6,7 @@ import torch
 
 from attncheck import golden
 from attncheck.cases import MHACase
-from attncheck.mla_case import MINI
+from attncheck.cases import MLA_MINI_DIMS
 from impl.backends.rocm_attn import RocmAttnBackend
 from impl.backends.triton_attn import TritonAttnBackend
 from impl.vllm import bench_rows, kernels, loader
@@ -51,7 +51,7 @@ def test_backend_rows_name_their_provider(device):
 
 def test_mla_decode_row_is_vllms_decode_with_vllms_split_count(device):
     g = torch.Generator().manual_seed(734)
-    L, R, bs, lens = MINI["kv_lora_rank"], MINI["rope_dim"], 16, (1100, 600)
+    L, R, bs, lens = MLA_MINI_DIMS["kv_lora_rank"], MLA_MINI_DIMS["rope_dim"], 16, (1100, 600)
     nblk = -(-max(lens) // bs)
     cache = torch.randn(2 * nblk, bs, L + R, generator=g).to(device, torch.bfloat16)
     table = torch.randperm(2 * nblk, generator=g).reshape(2, nblk).to(device, torch.int32)

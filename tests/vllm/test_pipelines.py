@@ -14,7 +14,7 @@ import torch
 
 from attncheck import harness
 from attncheck.cases import MHACase
-from attncheck.mla_case import MINI, MLACase
+from attncheck.cases import MLA_MINI_DIMS, MLACase
 from impl.backends.rocm_attn import RocmAttnBackend
 from impl.backends.triton_attn import TritonAttnBackend
 from impl.backends.triton_mla import TritonMLABackend
@@ -207,10 +207,10 @@ def test_adapters_refuse_bad_inputs_naming_the_argument():
 
 MLA_CASES = [
     # 2100 keys -> 2100 // 512 = 4 -> 4 KV splits (capped at twice the compute units)
-    MLACase("v-mla-decode-splits", (2100, 700, 9), (1, 1, 1), num_heads=8, seed=721, **MINI),
+    MLACase("v-mla-decode-splits", (2100, 700, 9), (1, 1, 1), num_heads=8, seed=721, **MLA_MINI_DIMS),
     MLACase("v-mla-chunks-fp8", (3, 45, 7), (1, 6, 7), num_heads=8, kv_cache_dtype=FP8, kv_scale=0.75,
-            context_chunk_tokens=16, seed=722, **MINI),
-    MLACase("v-mla-bs32-fp16", (40, 70, 5), (1, 9, 5), num_heads=16, block_size=32, dtype="fp16", seed=723, **MINI),
+            context_chunk_tokens=16, seed=722, **MLA_MINI_DIMS),
+    MLACase("v-mla-bs32-fp16", (40, 70, 5), (1, 9, 5), num_heads=16, block_size=32, dtype="fp16", seed=723, **MLA_MINI_DIMS),
 ]
 
 

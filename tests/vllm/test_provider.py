@@ -4,6 +4,7 @@ The preference comes from ATTNCHECK_PROVIDER (auto | vllm | stand-in); ``provide
 up front whether it can be honoured; every backend object names its provider.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import impl.vllm as provider_mod
+from impl.backend import CaseParams
 from impl.backends.flex_attention import FlexAttentionBackend
 from impl.backends.rocm_aiter_fa import AiterFABackend
 from impl.backends.rocm_aiter_mla import AiterMLABackend
@@ -133,10 +135,14 @@ def test_cli_asking_for_vllm_where_it_cannot_load_is_a_one_line_error(tmp_path):
 @needs_vllm
 def test_tf32_is_declared_for_vllms_float32_on_cuda_only():
     for cls in VLLM_BACKENDS:
-        tf32 = [k for k in cls(provider="vllm").known_issues if "TF32" in k.reason]
-        assert len(tf32) == 1 and tf32[0].platform == "cuda", cls.name
-        assert tf32[0].applies({"torch_dtype": torch.float32})
-        assert not tf32[0].applies({"torch_dtype": torch.bfloat16}) and not tf32[0].applies({"torch_dtype": torch.float16})
+        be = cls(provider="vllm")
+        tf32 = [k for k in be.known_issues if "TF32" in k.reason]
+        assert len(tf32) == 1 and tf32[0].backend == be.name, cls.name
+        params = CaseParams(kind=be.kind, family="decode", tier="smoke", dtype="fp32", kv_cache_dtype="auto",
+                            query_lens=(1,), seq_lens=(64,), num_heads=8, num_kv_heads=2, head_size=64,
+                            block_size=16)
+        assert tf32[0].applies(params, "cuda") and not tf32[0].applies(params, "cpu")
+        assert not tf32[0].applies(dataclasses.replace(params, dtype="bf16"), "cuda")
         assert not cls(provider="stand-in").known_issues, cls.name
 
 
