@@ -30,6 +30,9 @@ def _tree(tmp_path):
 def test_real_modules_load_and_the_rest_is_answered_or_stubbed(tmp_path, monkeypatch):
     installed = object()
     monkeypatch.setitem(sys.modules, "vllm", installed)  # an installed vLLM stays hidden
+    for name in [n for n in sys.modules if n.startswith("vllm.")]:
+        # vLLM's kernels loaded earlier in this process (impl.vllm, the vLLM provider) stay out of it
+        monkeypatch.delitem(sys.modules, name)
     sandbox = Sandbox(_tree(tmp_path), ["vllm.platforms.rocm"], answers={
         "amdsmi": {"arch": lambda: "gfx942"},
         "vllm.platforms": {"current_platform": Lazy(lambda: "the platform")}})
