@@ -78,7 +78,7 @@ TRITON_CASES = [
 @pytest.mark.parametrize("case,launch", TRITON_CASES, ids=[c.name for c, _ in TRITON_CASES])
 def test_triton_attn_vllm_paths(case, launch, passes):
     v = passes(TritonAttnBackend(provider="vllm"), case)
-    assert v.details["info"]["kernels"][-1] == f"vllm unified_attention ({launch})"
+    assert v.info["kernels"][-1] == f"vllm unified_attention ({launch})"
 
 
 def test_launch_prediction_matches_what_vllm_launches(monkeypatch, device):
@@ -97,7 +97,7 @@ def test_launch_prediction_matches_what_vllm_launches(monkeypatch, device):
     for case, launch in TRITON_CASES[:6]:
         calls.clear()
         v = harness.run_backend(be, case, device=device)
-        assert v.details["info"]["kernels"][-1].endswith(f"({launch})")
+        assert v.info["kernels"][-1].endswith(f"({launch})")
         assert bool(calls) == (launch == "3-D"), case.name
 
 
@@ -135,7 +135,7 @@ ROCM_CASES = [
 @pytest.mark.parametrize("case", ROCM_CASES, ids=[c.name for c in ROCM_CASES])
 def test_rocm_attn_vllm_paths(case, passes):
     v = passes(RocmAttnBackend(provider="vllm"), case)
-    kinds = " ".join(v.details["info"]["kernels"])
+    kinds = " ".join(v.info["kernels"])
     assert ("prefix prefill" in kinds) == (max(case.query_lens) > 1)
     assert ("kernel_paged_attention_2d" in kinds) == (min(case.query_lens) == 1)
 
@@ -217,9 +217,9 @@ MLA_CASES = [
 @pytest.mark.parametrize("case", MLA_CASES, ids=[c.name for c in MLA_CASES])
 def test_triton_mla_vllm_paths(case, passes):
     v = passes(TritonMLABackend(provider="vllm"), case)
-    ran = v.details["info"]["kernels"]
+    ran = v.info["kernels"]
     assert "vllm decode_attention_fwd(is_mla)" in ran
-    assert ("vllm merge_attn_states (Triton)" in ran) == bool(v.details["info"].get("context_chunks"))
+    assert ("vllm merge_attn_states (Triton)" in ran) == bool(v.info.get("context_chunks"))
 
 
 def test_mla_split_count_follows_vllm():
