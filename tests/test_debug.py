@@ -217,7 +217,7 @@ def test_minimize_a_triton_kernel_bug_down_to_its_single_key_block(tmp_path, mon
         q_len = kw["query_start_loc"][1:] - kw["query_start_loc"][:-1]
         return real(*args, **{**kw, "seq_lens": torch.where((q_len == 1) & (sl > bs) & (sl % bs != 0), sl - sl % bs, sl)})
     monkeypatch.setattr(ua, "unified_attention", skip_last_partial_block)
-    backend = TritonAttnBackend()
+    backend = TritonAttnBackend(provider="stand-in")  # the bug is planted in the stand-in kernel
     v = harness.run_backend(backend, DECODE, keep_artifacts=True)
     path = bundle.save_verdict(tmp_path, v, backend, get_case(DECODE), "cpu")
     result = minimize.minimize(bundle.read(path), backend, max_steps=60)
