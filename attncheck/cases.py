@@ -29,6 +29,7 @@ from typing import ClassVar, Optional
 import torch
 
 from attncheck import merge_case, mha_case, mla_case
+from attncheck.draws import seed_from_name
 from attncheck.options import TIERS  # one list, importable without torch (the pytest plugin)
 from impl.backend import CaseParams
 from impl.batch import FP8_DTYPES, classify_rows
@@ -128,6 +129,8 @@ class CaseRecord:
         self._validate()
         if self.name is None:
             object.__setattr__(self, "name", self.derived_name())
+        if self.seed is None:
+            object.__setattr__(self, "seed", seed_from_name(self.name))
 
     def _check(self, ok: bool, what: str) -> None:
         if not ok:
@@ -190,12 +193,12 @@ class MHACase(CaseRecord):
     alibi: bool = False
     sinks: bool = False
     scale: Optional[float] = None  # None: 1/sqrt(head_size)
-    seed: int = 0
+    seed: Optional[int] = None  # None: derived from the name (attncheck.draws.seed_from_name)
     tier: str = "smoke"
     family: Family = Family.ADHOC
     context_chunk_tokens: Optional[int] = None
     unordered: bool = False
-    query_std: float = 1.0  # softcap cases raise it so the cap really bends the scores
+    query_std: float = 1.0  # softcap cases raise it so raw scores reach past the cap
     label: str = ""  # free words appended to the name (e.g. "long4099")
 
     kind: ClassVar[str] = "MHA"
@@ -260,7 +263,7 @@ class MLACase(CaseRecord):
     kv_scale: float = 1.0
     rope_factor: Optional[float] = DEEPSEEK_ROPE_FACTOR  # YaRN factor entering the scale (None: plain)
     scale: Optional[float] = None  # explicit override of the layer scale
-    seed: int = 0
+    seed: Optional[int] = None  # None: derived from the name (attncheck.draws.seed_from_name)
     tier: str = "smoke"
     family: Family = Family.ADHOC
     context_chunk_tokens: Optional[int] = None
@@ -338,7 +341,7 @@ class MergeCase(CaseRecord):
     # which LSE entries are infinite (MERGE_LSE_PATTERNS): "finite", "prefix_neg_inf", ...,
     # "pos_and_neg_inf" (+inf on one side, -inf on the other), "mixed" (random)
     lse_pattern: str = "finite"
-    seed: int = 0
+    seed: Optional[int] = None  # None: derived from the name (attncheck.draws.seed_from_name)
     tier: str = "smoke"
     family: Family = Family.MERGE
 
@@ -360,159 +363,157 @@ KINDS = tuple(k.kind for k in CASE_KINDS)
 
 # ---- the catalogue -----------------------------------------------------------------------------
 
-# fp8 scales are != 1 and chosen so that fp8 values times the scale are exact in fp16/bf16
-# (3/4 and 5/4 add at most 3 significant bits): new tokens then round-trip through the
-# quantised cache, and every backend sees the same keys whether it attends to the new K/V
-# before or after quantisation.
-FP8_KV_SCALES = dict(k_scale=0.75, v_scale=1.25)
-MLA_FP8_KV_SCALE = 0.75  # fp8 latents times 3/4 are exact in bf16/fp16 (at most 6 significant bits)
+# fp8 per-tensor scales like a calibrated checkpoint's (amax / 448 for |x| up to ~5-9): a few
+# N(0, 1) values and the planted ones (attncheck.mha_case) saturate, and a kernel that ignores
+# a scale is off by 50-85x. 3 and 5 times a power of two: fp8 values times the scale (and the
+# planted rounding ties) are exact in bf16/fp16.
+FP8_KV_SCALES = dict(k_scale=0.75 / 64, v_scale=1.25 / 64)
+MLA_FP8_KV_SCALE = 0.75 / 64
 GQA_32X8_D128 = dict(num_heads=32, num_kv_heads=8, head_size=128)  # Llama-3-8B's attention shape
 
 MHA_CASES = [
     # ---- smoke: batch shapes -------------------------------------------------------------
     MHACase(seq_lens=(1, 15, 17, 113), query_lens=(1, 1, 1, 1), family=Family.DECODE),
-    MHACase(seq_lens=(15, 16, 17, 40), query_lens=(15, 16, 17, 40), family=Family.PREFILL, seed=1),
-    MHACase(seq_lens=(17, 33, 40, 113, 9, 24), query_lens=(1, 1, 5, 31, 9, 24), family=Family.MIXED, seed=2),
+    MHACase(seq_lens=(15, 16, 17, 40), query_lens=(15, 16, 17, 40), family=Family.PREFILL),
+    MHACase(seq_lens=(17, 33, 40, 113, 9, 24), query_lens=(1, 1, 5, 31, 9, 24), family=Family.MIXED),
     MHACase(seq_lens=(40, 30, 12), query_lens=(1, 6, 12), **GQA_32X8_D128, dtype="fp16",
-            family=Family.MIXED, seed=3),
+            family=Family.MIXED),
     MHACase(seq_lens=(20, 30, 12), query_lens=(1, 6, 12), num_heads=8, num_kv_heads=8, dtype="fp32",
-            family=Family.MIXED, seed=4),
+            family=Family.MIXED),
     MHACase(seq_lens=(31, 70, 12), query_lens=(1, 9, 12), num_heads=5, num_kv_heads=1, head_size=80,
-            family=Family.HEADS, seed=5),
+            family=Family.HEADS),
     MHACase(seq_lens=(18, 51, 33), query_lens=(1, 6, 33), num_heads=8, num_kv_heads=1, head_size=96,
-            dtype="fp16", family=Family.HEADS, seed=6),
-    MHACase(seq_lens=(21, 40), query_lens=(1, 7), head_size=256, family=Family.HEADS, seed=7),
-    MHACase(seq_lens=(4099, 333), query_lens=(1, 1), num_heads=5, num_kv_heads=1, family=Family.DECODE,
-            seed=8, label="long4099"),
+            dtype="fp16", family=Family.HEADS),
+    MHACase(seq_lens=(21, 40), query_lens=(1, 7), head_size=256, family=Family.HEADS),
+    MHACase(seq_lens=(4099, 333), query_lens=(1, 1), num_heads=5, num_kv_heads=1, family=Family.DECODE, label="long4099"),
     # ---- smoke: block sizes --------------------------------------------------------------
-    MHACase(seq_lens=(31, 33, 65, 20), query_lens=(1, 1, 10, 20), block_size=32, family=Family.BLOCK_SIZE,
-            seed=9),
+    MHACase(seq_lens=(31, 33, 65, 20), query_lens=(1, 1, 10, 20), block_size=32, family=Family.BLOCK_SIZE),
     MHACase(seq_lens=(63, 65, 130), query_lens=(1, 4, 130), block_size=64, dtype="fp16",
-            family=Family.BLOCK_SIZE, seed=10),
+            family=Family.BLOCK_SIZE),
     MHACase(seq_lens=(545, 600, 30), query_lens=(1, 9, 30), num_kv_heads=1, block_size=544,
-            family=Family.BLOCK_SIZE, seed=11),
+            family=Family.BLOCK_SIZE),
     # ---- smoke: knobs --------------------------------------------------------------------
     MHACase(seq_lens=(113, 60, 40, 30), query_lens=(1, 1, 17, 30), sliding_window=24,
-            family=Family.SLIDING_WINDOW, seed=12),
+            family=Family.SLIDING_WINDOW),
     MHACase(seq_lens=(64, 9, 33), query_lens=(1, 1, 1), head_size=128, dtype="fp16", sliding_window=7,
-            family=Family.SLIDING_WINDOW, seed=13),
-    MHACase(seq_lens=(40, 70, 25), query_lens=(1, 12, 25), softcap=50.0, query_std=8.0,
-            family=Family.SOFTCAP, seed=14),
-    MHACase(seq_lens=(45, 70, 25), query_lens=(1, 12, 25), alibi=True, dtype="fp16", family=Family.ALIBI,
-            seed=15),
-    MHACase(seq_lens=(45, 70, 25), query_lens=(1, 12, 25), sinks=True, family=Family.SINKS, seed=16),
-    MHACase(seq_lens=(40, 67, 90), query_lens=(4, 4, 4), sinks=True, family=Family.SINKS, seed=17),
+            family=Family.SLIDING_WINDOW),
+    # softcap: raw scores ~N(0, query_std^2) reach 2-3x the cap (Gemma's 50); decode, extend and
+    # prefill rows, so a kernel that skips the cap on any row kind is far off. A cap of 2 makes
+    # masked keys that got capped to -2 instead of -inf (masking before the cap) carry real weight.
+    MHACase(seq_lens=(40, 70, 25), query_lens=(1, 12, 25), softcap=50.0, query_std=40.0,
+            family=Family.SOFTCAP),
+    MHACase(seq_lens=(30, 45, 20), query_lens=(1, 9, 20), softcap=2.0, query_std=6.0, dtype="fp16",
+            family=Family.SOFTCAP),
+    # a scale other than 1/sqrt(head_size) (Gemma's query_pre_attn_scalar, MLA's YaRN mscale)
+    MHACase(seq_lens=(40, 70, 25), query_lens=(1, 12, 25), scale=0.3, family=Family.SCALE),
+    MHACase(seq_lens=(45, 70, 25), query_lens=(1, 12, 25), alibi=True, dtype="fp16", family=Family.ALIBI),
+    MHACase(seq_lens=(45, 70, 25), query_lens=(1, 12, 25), sinks=True, family=Family.SINKS),
+    MHACase(seq_lens=(40, 67, 90), query_lens=(4, 4, 4), sinks=True, family=Family.SINKS),
     MHACase(seq_lens=(24, 40), query_lens=(24, 40), num_kv_heads=1, dtype="fp16", causal=False,
-            family=Family.NON_CAUSAL, seed=18),
+            family=Family.NON_CAUSAL),
     # ---- smoke: fp8 KV cache --------------------------------------------------------------
     MHACase(seq_lens=(41, 80, 30), query_lens=(1, 11, 30), kv_cache_dtype="fp8_e4m3fn", **FP8_KV_SCALES,
-            family=Family.FP8, seed=19),
+            family=Family.FP8),
     MHACase(seq_lens=(41, 80, 30), query_lens=(1, 11, 30), kv_cache_dtype="fp8_e4m3fnuz", dtype="fp16",
-            **FP8_KV_SCALES, family=Family.FP8, seed=20),
+            **FP8_KV_SCALES, family=Family.FP8),
     MHACase(seq_lens=(17, 100, 160), query_lens=(1, 1, 1), **GQA_32X8_D128, kv_cache_dtype="fp8_e4m3fn",
-            **FP8_KV_SCALES, family=Family.FP8, seed=21),
+            **FP8_KV_SCALES, family=Family.FP8),
     # ---- smoke: chunked context (pipelines that chunk the context honour the override) ------
-    MHACase(seq_lens=(60, 90), query_lens=(12, 20), context_chunk_tokens=4096, family=Family.CHUNKED, seed=22),
-    MHACase(seq_lens=(60, 90), query_lens=(12, 20), context_chunk_tokens=40, family=Family.CHUNKED, seed=23),
+    MHACase(seq_lens=(60, 90), query_lens=(12, 20), context_chunk_tokens=4096, family=Family.CHUNKED),
+    MHACase(seq_lens=(60, 90), query_lens=(12, 20), context_chunk_tokens=40, family=Family.CHUNKED),
     # a zero-context prefill beside a many-chunk extend: the merge sees -inf on both sides
     MHACase(seq_lens=(1, 120, 25), query_lens=(1, 9, 25), dtype="fp16", context_chunk_tokens=13,
-            family=Family.CHUNKED, seed=24),
+            family=Family.CHUNKED),
     MHACase(seq_lens=(70, 45), query_lens=(6, 5), kv_cache_dtype="fp8_e4m3fn", **FP8_KV_SCALES,
-            context_chunk_tokens=24, family=Family.CHUNKED, seed=25),
+            context_chunk_tokens=24, family=Family.CHUNKED),
     # ---- smoke: order ----------------------------------------------------------------------
-    MHACase(seq_lens=(30, 50, 40), query_lens=(30, 1, 8), unordered=True, family=Family.ORDER, seed=26),
+    MHACase(seq_lens=(30, 50, 40), query_lens=(30, 1, 8), unordered=True, family=Family.ORDER),
 
     # ---- full (GPU, stored): medium shapes for the compiled kernels' real tile sizes; the smoke
     # rows run on the GPU too, so not every knob is repeated here (goldens stay under 40 MB) ----
     MHACase(seq_lens=(150, 64, 17, 1), query_lens=(1, 1, 1, 1), **GQA_32X8_D128, tier="full",
-            family=Family.DECODE, seed=100),
+            family=Family.DECODE),
     MHACase(seq_lens=(120, 64, 32, 16), query_lens=(1, 1, 8, 16), **GQA_32X8_D128, tier="full",
-            family=Family.MIXED, seed=101),
+            family=Family.MIXED),
     MHACase(seq_lens=(100, 50), query_lens=(100, 50), head_size=128, dtype="fp16", tier="full",
-            family=Family.PREFILL, seed=102),
-    MHACase(seq_lens=(4099, 65), query_lens=(1, 1), num_kv_heads=1, tier="full", family=Family.DECODE,
-            seed=103, label="long4099"),
+            family=Family.PREFILL),
+    MHACase(seq_lens=(4099, 65), query_lens=(1, 1), num_kv_heads=1, tier="full", family=Family.DECODE, label="long4099"),
     MHACase(seq_lens=(150, 80, 40), query_lens=(1, 8, 40), head_size=96, block_size=32, dtype="fp16",
-            tier="full", family=Family.HEADS, seed=104),
+            tier="full", family=Family.HEADS),
     MHACase(seq_lens=(150, 70), query_lens=(1, 20), head_size=256, block_size=64, tier="full",
-            family=Family.HEADS, seed=105),
+            family=Family.HEADS),
     MHACase(seq_lens=(545, 30), query_lens=(1, 30), num_kv_heads=1, head_size=128, block_size=544,
-            tier="full", family=Family.BLOCK_SIZE, seed=106),
+            tier="full", family=Family.BLOCK_SIZE),
     MHACase(seq_lens=(300, 150, 100), query_lens=(1, 1, 40), head_size=128, sliding_window=128, tier="full",
-            family=Family.SLIDING_WINDOW, seed=107),
-    MHACase(seq_lens=(300, 120), query_lens=(1, 32), head_size=128, softcap=50.0, query_std=8.0, tier="full",
-            family=Family.SOFTCAP, seed=108),
+            family=Family.SLIDING_WINDOW),
+    MHACase(seq_lens=(300, 120), query_lens=(1, 32), head_size=128, softcap=50.0, query_std=40.0, tier="full",
+            family=Family.SOFTCAP),
     MHACase(seq_lens=(200, 80, 24), query_lens=(1, 8, 16), **GQA_32X8_D128, kv_cache_dtype="fp8_e4m3fn",
-            **FP8_KV_SCALES, tier="full", family=Family.FP8, seed=111),
+            **FP8_KV_SCALES, tier="full", family=Family.FP8),
     MHACase(seq_lens=(1, 400, 200), query_lens=(1, 20, 12), head_size=128, context_chunk_tokens=100,
-            tier="full", family=Family.CHUNKED, seed=112),
+            tier="full", family=Family.CHUNKED),
     MHACase(seq_lens=(120, 64), query_lens=(1, 32), head_size=128, dtype="fp32", tier="full",
-            family=Family.MIXED, seed=113),
+            family=Family.MIXED),
 
     # ---- large (GPU, generated live; never stored) -------------------------------------------
-    MHACase(seq_lens=(23616,), query_lens=(3616,), **GQA_32X8_D128, tier="large", family=Family.EXTEND,
-            seed=1000, label="3616over20000"),
-    MHACase(seq_lens=(8192,) * 16, query_lens=(1,) * 16, **GQA_32X8_D128, tier="large", family=Family.DECODE,
-            seed=1001, label="b16x8192"),
+    MHACase(seq_lens=(23616,), query_lens=(3616,), **GQA_32X8_D128, tier="large", family=Family.EXTEND, label="3616over20000"),
+    MHACase(seq_lens=(8192,) * 16, query_lens=(1,) * 16, **GQA_32X8_D128, tier="large", family=Family.DECODE, label="b16x8192"),
 ]
 
 MLA_CASES = [
     # ---- smoke (CPU interpreter): DeepSeek-V3 dims at TP16 (8 heads per rank) ------------------
-    MLACase(seq_lens=(20, 30, 12), query_lens=(1, 5, 12), num_heads=8, family=Family.MIXED, seed=300),
+    MLACase(seq_lens=(20, 30, 12), query_lens=(1, 5, 12), num_heads=8, family=Family.MIXED),
     MLACase(seq_lens=(40, 33, 10), query_lens=(1, 6, 10), num_heads=8, **MLA_MINI_DIMS,
-            kv_cache_dtype="fp8_e4m3fn", kv_scale=MLA_FP8_KV_SCALE, family=Family.FP8, seed=301),
+            kv_cache_dtype="fp8_e4m3fn", kv_scale=MLA_FP8_KV_SCALE, family=Family.FP8),
     # ---- smoke: mini dims -------------------------------------------------------------------------
     MLACase(seq_lens=(1, 17, 40, 70), query_lens=(1, 1, 1, 1), num_heads=16, **MLA_MINI_DIMS,
-            family=Family.DECODE, seed=302),
+            family=Family.DECODE),
     MLACase(seq_lens=(9, 20), query_lens=(9, 20), num_heads=8, **MLA_MINI_DIMS, dtype="fp16",
-            family=Family.PREFILL, seed=303),
+            family=Family.PREFILL),
     MLACase(seq_lens=(70, 65, 12), query_lens=(1, 5, 12), num_heads=8, **MLA_MINI_DIMS, block_size=64,
-            family=Family.BLOCK_SIZE, seed=304),
+            family=Family.BLOCK_SIZE),
     MLACase(seq_lens=(20, 30, 9), query_lens=(1, 6, 9), num_heads=8, **MLA_MINI_DIMS, block_size=1,
-            family=Family.BLOCK_SIZE, seed=305),
+            family=Family.BLOCK_SIZE),
     # a zero-context prefill next to a three-chunk extend: the context merge sees -inf on both sides
     MLACase(seq_lens=(50, 41, 9), query_lens=(6, 5, 9), num_heads=8, **MLA_MINI_DIMS, dtype="fp16",
-            context_chunk_tokens=16, family=Family.CHUNKED, seed=306),
+            context_chunk_tokens=16, family=Family.CHUNKED),
     MLACase(seq_lens=(30, 45, 19), query_lens=(4, 4, 4), num_heads=16, **MLA_MINI_DIMS,
-            family=Family.SPEC_DECODE, seed=307),
+            family=Family.SPEC_DECODE),
     MLACase(seq_lens=(40, 33, 10), query_lens=(1, 6, 10), num_heads=8, **MLA_MINI_DIMS, dtype="fp16",
-            kv_cache_dtype="fp8_e4m3fnuz", kv_scale=MLA_FP8_KV_SCALE, family=Family.FP8, seed=308),
+            kv_cache_dtype="fp8_e4m3fnuz", kv_scale=MLA_FP8_KV_SCALE, family=Family.FP8),
     MLACase(seq_lens=(26, 12), query_lens=(1, 12), num_heads=8, **MLA_MINI_DIMS, rope_factor=None,
-            family=Family.SCALE, seed=309),
+            family=Family.SCALE),
     MLACase(seq_lens=(20, 30, 25), query_lens=(20, 1, 5), num_heads=8, **MLA_MINI_DIMS, unordered=True,
-            family=Family.ORDER, seed=310),
+            family=Family.ORDER),
 
     # ---- full (GPU, stored): DeepSeek-V3 dims where the weights fit the 40 MB golden budget
     # (2 MB of W_UK/W_UV per 8-head case), mini dims otherwise; the large tier is all DeepSeek dims
     MLACase(seq_lens=(257, 100, 32), query_lens=(1, 1, 32), num_heads=8, block_size=64, dtype="fp16",
-            tier="full", family=Family.MIXED, seed=400),
+            tier="full", family=Family.MIXED),
     MLACase(seq_lens=(150, 77, 200), query_lens=(8, 8, 8), num_heads=8, **MLA_MINI_DIMS, tier="full",
-            family=Family.SPEC_DECODE, seed=401),
+            family=Family.SPEC_DECODE),
     MLACase(seq_lens=(1, 500, 260), query_lens=(1, 20, 12), num_heads=8, kv_cache_dtype="fp8_e4m3fn",
-            kv_scale=MLA_FP8_KV_SCALE, context_chunk_tokens=128, tier="full", family=Family.CHUNKED, seed=402),
+            kv_scale=MLA_FP8_KV_SCALE, context_chunk_tokens=128, tier="full", family=Family.CHUNKED),
     MLACase(seq_lens=(257, 300, 33), query_lens=(1, 1, 1), num_heads=8, **MLA_MINI_DIMS, block_size=1,
-            tier="full", family=Family.BLOCK_SIZE, seed=403),
+            tier="full", family=Family.BLOCK_SIZE),
 
     # ---- large (GPU, generated live from the seed; never stored) --------------------------------
-    MLACase(seq_lens=(23616,), query_lens=(3616,), num_heads=16, tier="large", family=Family.EXTEND,
-            seed=1100, label="3616over20000"),
-    MLACase(seq_lens=(4096,) * 16, query_lens=(1,) * 16, num_heads=128, tier="large", family=Family.DECODE,
-            seed=1101, label="b16x4096"),
+    MLACase(seq_lens=(23616,), query_lens=(3616,), num_heads=16, tier="large", family=Family.EXTEND, label="3616over20000"),
+    MLACase(seq_lens=(4096,) * 16, query_lens=(1,) * 16, num_heads=128, tier="large", family=Family.DECODE, label="b16x4096"),
     MLACase(seq_lens=(2048, 1500, 600, 300), query_lens=(1, 1, 64, 300), num_heads=128, block_size=64,
-            dtype="fp16", tier="large", family=Family.MIXED, seed=1102),
-    MLACase(seq_lens=(4096,) * 64, query_lens=(1,) * 64, num_heads=16, tier="large", family=Family.DECODE,
-            seed=1103, label="b64x4096"),
+            dtype="fp16", tier="large", family=Family.MIXED),
+    MLACase(seq_lens=(4096,) * 64, query_lens=(1,) * 64, num_heads=16, tier="large", family=Family.DECODE, label="b64x4096"),
 ]
 
 MERGE_CASES = [
-    MergeCase(num_tokens=37, num_heads=4, head_size=64, dtype="fp32", lse_pattern="finite", seed=200),
-    MergeCase(num_tokens=29, num_heads=8, head_size=128, dtype="bf16", lse_pattern="prefix_neg_inf", seed=201),
-    MergeCase(num_tokens=29, num_heads=8, head_size=80, dtype="fp16", lse_pattern="suffix_neg_inf", seed=202),
-    MergeCase(num_tokens=23, num_heads=4, head_size=64, dtype="fp32", lse_pattern="both_neg_inf", seed=203),
-    MergeCase(num_tokens=23, num_heads=4, head_size=64, dtype="bf16", lse_pattern="prefix_pos_inf", seed=204),
-    MergeCase(num_tokens=23, num_heads=4, head_size=96, dtype="fp16", lse_pattern="suffix_pos_inf", seed=205),
-    MergeCase(num_tokens=23, num_heads=4, head_size=64, dtype="fp32", lse_pattern="pos_and_neg_inf", seed=206),
-    MergeCase(num_tokens=21, num_heads=8, head_size=256, dtype="bf16", lse_pattern="mixed", seed=207),
+    MergeCase(num_tokens=37, num_heads=4, head_size=64, dtype="fp32", lse_pattern="finite"),
+    MergeCase(num_tokens=29, num_heads=8, head_size=128, dtype="bf16", lse_pattern="prefix_neg_inf"),
+    MergeCase(num_tokens=29, num_heads=8, head_size=80, dtype="fp16", lse_pattern="suffix_neg_inf"),
+    MergeCase(num_tokens=23, num_heads=4, head_size=64, dtype="fp32", lse_pattern="both_neg_inf"),
+    MergeCase(num_tokens=23, num_heads=4, head_size=64, dtype="bf16", lse_pattern="prefix_pos_inf"),
+    MergeCase(num_tokens=23, num_heads=4, head_size=96, dtype="fp16", lse_pattern="suffix_pos_inf"),
+    MergeCase(num_tokens=23, num_heads=4, head_size=64, dtype="fp32", lse_pattern="pos_and_neg_inf"),
+    MergeCase(num_tokens=21, num_heads=8, head_size=256, dtype="bf16", lse_pattern="mixed"),
 ]
 
 

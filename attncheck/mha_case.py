@@ -2,65 +2,61 @@
 
 ``build_golden(case)`` returns every tensor a golden file holds (see docs/ARCHITECTURE.md):
 the batch inputs, ``expected.*`` (reference outputs in float64, stored as float32; the cache
-slots after the write) and ``budget.*`` (the error of the same math done in the input dtype,
-the FlashAttention "pt" path, per row). ``batch_from_tensors`` rebuilds the batch from them.
-Nothing here is random at test time: inputs come from the case's seed at generation time
-only, and tests read them back from the golden file.
+slots after the write) and ``budget.*`` (attncheck.budgets: the error of the same math done in
+the input dtype, the FlashAttention "pt" path, per row, and the terms of golden/README.md).
+``batch_from_tensors`` rebuilds the batch from them. Nothing here is random at test time:
+inputs come from the case's seed at generation time only, and tests read them back from the
+golden file. Everything stored is computed by reference.emulated's EXACT engine and
+reference.fp's written-out rounding, so it is the same on every machine.
+
+fp8 caches: the new tokens' K/V are ordinary model-dtype values, so the cache write really
+rounds (to nearest even) and saturates; each fp8 case also plants exact rounding ties and two
+saturating values per KV head in its last new token (``Draws.fp8_specials``). Context tokens
+are stored fp8 values.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
-from attncheck.rule import locate_token, rounding_step_rows
+from attncheck import budgets
+from attncheck.draws import Draws
+from attncheck.rule import locate_token
 from impl.batch import FP8_DTYPES, AttentionBatch
-from reference import lowp as ref_lowp
-from reference import mha as ref_mha
+from reference import emulated as em
+from reference import fp
 from reference import paged as ref_paged
 
 CACHE_FIELDS = (("key_cache", "expected.key_cache_slots"), ("value_cache", "expected.value_cache_slots"))
 SPARE_BLOCKS = 1  # an unused, NaN-filled block; block-table padding points at it
+LIVE_BLOCK_M = 256  # query rows per block in the live (large-tier) oracle: bounds GPU memory
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """The ALiBi paper's geometric slopes (closest power of two, then interleaved extras)."""
+    """The ALiBi paper's geometric slopes (closest power of two, then interleaved extras), as
+    float32 (2**x computed with reference.fp.exp, the same bits everywhere)."""
     n = 2 ** math.floor(math.log2(num_heads))
-    base = [2 ** (-8.0 * (i + 1) / n) for i in range(n)]
-    extra = [2 ** (-4.0 * (2 * i + 1) / n) for i in range(num_heads - n)]
-    return torch.tensor(base + extra, dtype=torch.float32)
+    exps = [-8.0 * (i + 1) / n for i in range(n)] + [-4.0 * (2 * i + 1) / n for i in range(num_heads - n)]
+    slopes = fp.exp(torch.tensor(exps, dtype=torch.float64) * math.log(2.0))
+    return budgets.to_float32(slopes)
 
 
 def _cache_dtype(case) -> torch.dtype:
     return FP8_DTYPES[case.kv_cache_dtype] if case.kv_cache_dtype != "auto" else case.torch_dtype
 
 
-def _kv_values(g, shape, case, scale: float):
-    """Random K or V values: returned as (model-dtype tensor, cache-dtype tensor).
-
-    For fp8 caches the values are fp8 numbers times the scale, so quantising them is lossless.
-    """
-    x = torch.randn(shape, generator=g, dtype=torch.float32)
-    if case.kv_cache_dtype == "auto":
-        xm = x.to(case.torch_dtype)
-        return xm, xm
-    q8 = ref_paged.quantize_fp8(x, scale, FP8_DTYPES[case.kv_cache_dtype])
-    xm = (q8.to(torch.float32) * scale).to(case.torch_dtype)
-    back = ref_paged.quantize_fp8(xm, scale, FP8_DTYPES[case.kv_cache_dtype])
-    if not torch.equal(back.view(torch.uint8), q8.view(torch.uint8)):
-        raise AssertionError(f"case {case.name}: fp8 values do not round-trip exactly; pick another scale")
-    return xm, q8
-
-
 def build_inputs(case) -> dict:
-    g = torch.Generator().manual_seed(case.seed)
-    dt = case.torch_dtype
+    draws = Draws(case.seed)
+    dt, m = case.torch_dtype, fp.format_of(case.torch_dtype)
+    fp8 = case.kv_cache_dtype != "auto"
     B, bs = len(case.seq_lens), case.block_size
     Hq, Hkv, D = case.num_heads, case.num_kv_heads, case.head_size
     blocks_per_seq = [-(-s // bs) for s in case.seq_lens]
     num_blocks = sum(blocks_per_seq) + SPARE_BLOCKS
-    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    perm = draws.permutation(num_blocks).to(torch.int32)
     poison_block = int(perm[-1])
     max_blocks = max(blocks_per_seq) + 1  # always one padding column
     block_table = torch.full((B, max_blocks), poison_block, dtype=torch.int32)
@@ -75,44 +71,48 @@ def build_inputs(case) -> dict:
 
     qlens, slens = list(case.query_lens), list(case.seq_lens)
     T = sum(qlens)
-    query = (torch.randn((T, Hq, D), generator=g, dtype=torch.float32) * case.query_std).to(dt)
-    key, key_c = _kv_values(g, (T, Hkv, D), case, case.k_scale)
-    value, value_c = _kv_values(g, (T, Hkv, D), case, case.v_scale)
+    query = fp.round_to(draws.normal((T, Hq, D), std=case.query_std), m)
+    key = fp.round_to(draws.normal((T, Hkv, D)), m)
+    value = fp.round_to(draws.normal((T, Hkv, D)), m)
+    if fp8:
+        key = draws.fp8_specials(key, cdt, dt, case.k_scale, last_token=T - 1, saturating=2)
+        value = draws.fp8_specials(value, cdt, dt, case.v_scale, last_token=T - 1, saturating=2)
     slot_mapping = torch.empty(T, dtype=torch.int64)
     t0 = 0
     for b in range(B):
         ctx = slens[b] - qlens[b]
         if ctx:
-            _, kc = _kv_values(g, (ctx, Hkv, D), case, case.k_scale)
-            _, vc = _kv_values(g, (ctx, Hkv, D), case, case.v_scale)
-            for p in range(ctx):
-                blk = int(block_table[b, p // bs])
-                key_cache[blk, p % bs] = kc[p]
-                value_cache[blk, p % bs] = vc[p]
+            stored = []
+            for scale in (case.k_scale, case.v_scale):
+                x = draws.normal((ctx, Hkv, D))
+                stored.append(ref_paged.quantize_fp8(x, scale, cdt) if fp8 else budgets.model_values(x, cdt))
+            pos = torch.arange(ctx)
+            blk = block_table[b, pos // bs].long()
+            key_cache[blk, pos % bs] = stored[0]
+            value_cache[blk, pos % bs] = stored[1]
         for i in range(qlens[b]):
             p = ctx + i
             slot_mapping[t0 + i] = int(block_table[b, p // bs]) * bs + p % bs
         t0 += qlens[b]
-    query_start_loc = torch.tensor([0] + list(_cumsum(qlens)), dtype=torch.int32)
     tensors = {
-        "query": query, "key": key, "value": value,
+        "query": query.to(dt), "key": key.to(dt), "value": value.to(dt),  # exact: model values
         "key_cache": key_cache, "value_cache": value_cache,
-        "block_table": block_table, "query_start_loc": query_start_loc,
+        "block_table": block_table, "query_start_loc": torch.tensor([0] + _cumsum(qlens), dtype=torch.int32),
         "seq_lens": torch.tensor(slens, dtype=torch.int32), "slot_mapping": slot_mapping,
     }
     if case.alibi:
         tensors["alibi_slopes"] = alibi_slopes(Hq)
     if case.sinks:
-        tensors["sinks"] = torch.randn(Hq, generator=g, dtype=torch.float32) * 2.0
-    del key_c, value_c
+        tensors["sinks"] = budgets.to_float32(draws.normal((Hq,), std=2.0))
     return tensors
 
 
-def _cumsum(xs):
-    s = 0
+def _cumsum(xs) -> list:
+    out, s = [], 0
     for x in xs:
         s += x
-        yield s
+        out.append(s)
+    return out
 
 
 def _knobs(case, tensors) -> dict:
@@ -121,46 +121,44 @@ def _knobs(case, tensors) -> dict:
                 sinks=tensors.get("sinks"), k_scale=case.k_scale, v_scale=case.v_scale)
 
 
-def expected_and_budgets(case, tensors: dict, compute_device="cpu", streaming=False) -> dict:
-    """Reference outputs (float64) and the low-precision budgets for the given inputs."""
+def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EXACT) -> dict:
+    """Reference outputs (float64) and the budgets for the given inputs.
+
+    Pipelines: the reference reads every key from the cache after the write; with an fp8 cache a
+    kernel may also attend the new tokens from the unquantised K/V (vLLM's prefill does), which
+    is a second legitimate pipeline. pt variants: each pipeline in both FlashAttention op orders
+    (K pre-scaled; scores scaled), normalising before P.V or after, each against its own float64
+    result.
+    """
     dev = torch.device(compute_device)
     t = {k: v.to(dev) for k, v in tensors.items()}
     kc, vc = t["key_cache"].clone(), t["value_cache"].clone()
-    ref_paged.write_kv(t["key"], t["value"], kc, vc, t["slot_mapping"],
-                       k_scale=case.k_scale, v_scale=case.v_scale)
-    knobs = _knobs(case, t)
-    ref_out, ref_lse = ref_mha.paged_attention(
-        t["query"].to(torch.float64), kc, vc, t["block_table"], t["query_start_loc"], t["seq_lens"],
-        compute_dtype=torch.float64, streaming=streaming, **knobs)
-    # The budget: the same math in the input dtype, in both FlashAttention op orders (K
-    # pre-scaled, and scores scaled); either is a legitimate kernel, so each row gets the larger
-    # error. One order alone under-states fp32 noise (a kernel that scales its scores already
-    # lands near 1x of the K-pre-scaled budget).
-    errs, lse_errs = [], []
-    for reorder in (True, False):
-        pt_out, pt_lse = ref_lowp.paged_attention_lowp(
-            t["query"], kc, vc, t["block_table"], t["query_start_loc"], t["seq_lens"],
-            dtype=case.torch_dtype, block_m=512 if streaming else None, reorder=reorder, **knobs)
-        errs.append((pt_out.to(torch.float64) - ref_out).abs())
-        e = (pt_lse.to(torch.float64) - ref_lse).abs()
-        lse_errs.append(torch.where(torch.isinf(ref_lse) & (pt_lse.to(torch.float64) == ref_lse),
-                                    torch.zeros_like(e), e))
-        del pt_out, pt_lse
-    err_rows = torch.maximum(errs[0].amax(dim=-1), errs[1].amax(dim=-1))
-    err_mean = torch.maximum(errs[0].mean(), errs[1].mean())
-    lse_pt_err = torch.maximum(lse_errs[0], lse_errs[1])
+    ref_paged.write_kv(t["key"], t["value"], kc, vc, t["slot_mapping"], k_scale=case.k_scale, v_scale=case.v_scale)
+    batch = (t["query"], kc, vc, t["block_table"], t["query_start_loc"], t["seq_lens"])
+    common = dict(_knobs(case, t), engine=engine, block_m=None if engine is em.EXACT else LIVE_BLOCK_M)
+    ref_out, ref_lse, sensitivity = em.paged_attention(*batch, **common, with_lse_sensitivity=True)
+    raw = dict(new_key=t["key"], new_value=t["value"])
+    pipelines = {"cache": ({}, (ref_out, ref_lse))}
+    if case.kv_cache_dtype != "auto":
+        pipelines["unquantised new tokens"] = (raw, em.paged_attention(*batch, **common, **raw))
+    variants = []
+    for extra, exact in pipelines.values():
+        for prescale, normalise in itertools.product(em.PRESCALES, em.NORMALISES):
+            pt = em.paged_attention(*batch, **common, **extra, dtype=case.torch_dtype, prescale=prescale,
+                                    normalise=normalise)
+            variants.append((*pt, *exact))
+    others = [exact for name, (_, exact) in pipelines.items() if name != "cache"]
+    out = budgets.assemble((ref_out, ref_lse), variants, others,
+                           budgets.lse_step(sensitivity, case.torch_dtype),
+                           case.torch_dtype, fixed_order=engine is em.EXACT)
     slots = t["slot_mapping"]
     Hkv, D = kc.shape[2], kc.shape[3]
-    out = {
-        "expected.output": ref_out.to(torch.float32),
-        "expected.lse": ref_lse.to(torch.float32),
+    out.update({
+        "expected.output": budgets.to_float32(ref_out),
+        "expected.lse": budgets.to_float32(ref_lse),
         "expected.key_cache_slots": kc.reshape(-1, Hkv, D)[slots].clone(),
         "expected.value_cache_slots": vc.reshape(-1, Hkv, D)[slots].clone(),
-        "budget.pt_err_row": err_rows.to(torch.float32),
-        "budget.round_row": rounding_step_rows(ref_out, case.torch_dtype).to(torch.float32),
-        "budget.lse_pt_err": lse_pt_err.to(torch.float32),
-        "budget.pt_err_mean": err_mean.to(torch.float32).reshape(()),
-    }
+    })
     return {k: v.cpu() for k, v in out.items()}
 
 
@@ -171,10 +169,10 @@ def build_golden(case) -> dict:
 
 
 def build_live(case, device) -> dict:
-    """Large tier: inputs from the case seed (on the CPU, deterministic), oracle on ``device``
-    with the streaming float64 reference."""
+    """Large tier: inputs from the case seed (on the CPU, deterministic), oracle and budgets on
+    ``device`` with the FAST engine (torch's float64 kernels; never stored)."""
     tensors = build_inputs(case)
-    tensors.update(expected_and_budgets(case, tensors, compute_device=device, streaming=True))
+    tensors.update(expected_and_budgets(case, tensors, compute_device=device, engine=em.FAST))
     return tensors
 
 

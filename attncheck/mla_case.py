@@ -10,55 +10,47 @@ DeepSeek-style MLA batch ``impl.batch.MLABatch``:
 * ``expected.output`` = float64 MLA (reference.mla, per sequence the cheaper of the two paths,
   which agree to float64 rounding, tests/reference/test_mla.py) over the cache after the write,
   stored as float32; ``expected.lse``; ``expected.kv_cache_slots`` = the written latent entries;
-* budgets: a backend may run any row down either MLA path (ROCM_AITER_MLA decodes spec-decode
-  rows through the absorbed kernel, TRITON_MLA prefills them up-projected), so each row's budget
-  is the **larger** of the two low-precision "pt" paths' errors against the float64 reference:
-  the absorbed path (all keys from the cache) and the up-projected path (new tokens from the raw
-  ``kv_c``/``k_pe`` as vLLM's prefill does, context from the dequantised cache, chunked like the
-  case). ``budget.pt_err_mean`` is the larger of the two mean errors.
+* budgets (attncheck.budgets): a backend may run any row down either MLA pipeline (ROCM_AITER_MLA
+  decodes spec-decode rows through the absorbed kernel, TRITON_MLA prefills them up-projected):
+  the absorbed path with every key from the cache, and the up-projected path with the new tokens
+  from the raw ``kv_c``/``k_pe`` as vLLM's prefill does, the context from the dequantised cache,
+  chunked like the case. The pt variants are both pipelines in both op orders, each against its
+  own float64 result; with an fp8 cache the two pipelines' exact difference is the pipeline term.
+  Everything stored comes from reference.emulated's EXACT engine (the same bytes on any machine).
 
 Scale: the layer scale ``(P + R) ** -0.5 * mscale(rope_factor) ** 2`` (DeepSeek-V3: YaRN factor
 40), never derived from the 576-wide cache entry. Weights are scaled by ``1/sqrt(L)`` (as vLLM's
 MLA test does) so the up-projected keys and values are O(1).
 
-fp8 latent caches: the new tokens' latents are fp8 numbers times ``kv_scale`` (exact in bf16/fp16),
-so quantising them is lossless and a pipeline that attends to the raw new tokens (prefill) sees the
-same keys as one reading the cache (decode).
+fp8 latent caches: the new tokens' latents are ordinary model-dtype values (the write really
+rounds and saturates; ``Draws.fp8_specials`` plants rounding ties and two saturating values in
+the last new token), so a pipeline that attends to the raw new tokens (prefill) and one reading
+them back from the cache (decode) differ by the quantisation: the pipeline term covers it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
-from attncheck.rule import locate_token, rounding_step_rows
+from attncheck import budgets
+from attncheck.draws import Draws
+from attncheck.rule import locate_token
 from impl.batch import FP8_DTYPES, MLABatch
+from reference import emulated as em
+from reference import fp
 from reference import mla as ref_mla
 from reference import paged as ref_paged
 
 CACHE_FIELDS = (("kv_cache", "expected.kv_cache_slots"),)
 SPARE_BLOCKS = 1  # an unused, NaN-filled block; block-table padding points at it
+LIVE_BLOCK_M = 256  # query rows per block in the live (large-tier) oracle: bounds GPU memory
 
-
-# ---- inputs -----------------------------------------------------------------------------------
 
 def _cache_dtype(case) -> torch.dtype:
     return FP8_DTYPES[case.kv_cache_dtype] if case.kv_cache_dtype != "auto" else case.torch_dtype
-
-
-def _latents(g, n: int, case):
-    """Random latents [n, L + R]: (model-dtype tensor, cache-dtype tensor); lossless for fp8."""
-    x = torch.randn((n, case.kv_lora_rank + case.rope_dim), generator=g, dtype=torch.float32)
-    if case.kv_cache_dtype == "auto":
-        xm = x.to(case.torch_dtype)
-        return xm, xm
-    f8 = FP8_DTYPES[case.kv_cache_dtype]
-    q8 = ref_paged.quantize_fp8(x, case.kv_scale, f8)
-    xm = (q8.to(torch.float32) * case.kv_scale).to(case.torch_dtype)
-    if not torch.equal(ref_paged.quantize_fp8(xm, case.kv_scale, f8).view(torch.uint8), q8.view(torch.uint8)):
-        raise AssertionError(f"case {case.name}: fp8 latents do not round-trip exactly; pick another kv_scale")
-    return xm, q8
 
 
 def _cumsum(xs):
@@ -70,45 +62,49 @@ def _cumsum(xs):
 
 
 def build_inputs(case) -> dict:
-    g = torch.Generator().manual_seed(case.seed)
-    dt = case.torch_dtype
+    draws = Draws(case.seed)
+    dt, m = case.torch_dtype, fp.format_of(case.torch_dtype)
+    cdt = _cache_dtype(case)
+    fp8 = case.kv_cache_dtype != "auto"
     B, bs = len(case.seq_lens), case.block_size
     N, L, R, P, V = case.num_heads, case.kv_lora_rank, case.rope_dim, case.nope_dim, case.v_dim
     blocks_per_seq = [-(-s // bs) for s in case.seq_lens]
     num_blocks = sum(blocks_per_seq) + SPARE_BLOCKS
-    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    perm = draws.permutation(num_blocks).to(torch.int32)
     poison_block = int(perm[-1])
     block_table = torch.full((B, max(blocks_per_seq) + 1), poison_block, dtype=torch.int32)
     cursor = 0
     for b, n in enumerate(blocks_per_seq):
         block_table[b, :n] = perm[cursor:cursor + n]
         cursor += n
-    kv_cache = torch.full((num_blocks, bs, L + R), float("nan"), dtype=torch.float32).to(_cache_dtype(case))
+    kv_cache = torch.full((num_blocks, bs, L + R), float("nan"), dtype=torch.float32).to(cdt)
 
     qlens, slens = list(case.query_lens), list(case.seq_lens)
     T = sum(qlens)
-    q_nope = torch.randn((T, N, P), generator=g).to(dt)
-    q_pe = torch.randn((T, N, R), generator=g).to(dt)
-    new_lat, _ = _latents(g, T, case)
-    w_uk = (torch.randn((L, N, P), generator=g) / math.sqrt(L)).to(dt)
-    w_uv = (torch.randn((L, N, V), generator=g) / math.sqrt(L)).to(dt)
+    q_nope = fp.round_to(draws.normal((T, N, P)), m)
+    q_pe = fp.round_to(draws.normal((T, N, R)), m)
+    new_lat = fp.round_to(draws.normal((T, L + R)), m)
+    if fp8:
+        new_lat = draws.fp8_specials(new_lat, cdt, dt, case.kv_scale, last_token=T - 1, saturating=2)
+    w_uk = fp.round_to(draws.normal((L, N, P), std=1.0 / math.sqrt(L)), m)
+    w_uv = fp.round_to(draws.normal((L, N, V), std=1.0 / math.sqrt(L)), m)
     slot_mapping = torch.empty(T, dtype=torch.int64)
-    flat = kv_cache.view(-1, L + R)
     t0 = 0
     for b in range(B):
         ctx = slens[b] - qlens[b]
         if ctx:
-            _, lc = _latents(g, ctx, case)
+            x = draws.normal((ctx, L + R))
             pos = torch.arange(ctx)
-            flat[block_table[b, pos // bs].long() * bs + pos % bs] = lc
+            kv_cache[block_table[b, pos // bs].long(), pos % bs] = (
+                ref_paged.quantize_fp8(x, case.kv_scale, cdt) if fp8 else budgets.model_values(x, cdt))
         for i in range(qlens[b]):
             p = ctx + i
             slot_mapping[t0 + i] = int(block_table[b, p // bs]) * bs + p % bs
         t0 += qlens[b]
     return {
-        "q_nope": q_nope, "q_pe": q_pe,
-        "kv_c": new_lat[:, :L].contiguous(), "k_pe": new_lat[:, L:].contiguous(),
-        "kv_cache": kv_cache, "w_uk": w_uk, "w_uv": w_uv,
+        "q_nope": q_nope.to(dt), "q_pe": q_pe.to(dt),  # exact: model-dtype values
+        "kv_c": new_lat[:, :L].contiguous().to(dt), "k_pe": new_lat[:, L:].contiguous().to(dt),
+        "kv_cache": kv_cache, "w_uk": w_uk.to(dt), "w_uv": w_uv.to(dt),
         "block_table": block_table,
         "query_start_loc": torch.tensor([0] + _cumsum(qlens), dtype=torch.int32),
         "seq_lens": torch.tensor(slens, dtype=torch.int32), "slot_mapping": slot_mapping,
@@ -117,51 +113,41 @@ def build_inputs(case) -> dict:
 
 # ---- oracle and budgets -------------------------------------------------------------------------
 
-def _masked_err(pt: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return (pt.to(torch.float64) - ref).abs()
-
-
-def _lse_err(pt_lse: torch.Tensor, ref_lse: torch.Tensor) -> torch.Tensor:
-    pt = pt_lse.to(torch.float64)
-    err = (pt - ref_lse).abs()
-    return torch.where(torch.isinf(ref_lse) & (pt == ref_lse), torch.zeros_like(err), err)
-
-
-def expected_and_budgets(case, tensors: dict, compute_device="cpu", streaming=False) -> dict:
-    """Reference outputs (float64) and the low-precision budgets (max over both MLA paths).
-
-    ``streaming`` is accepted for the harness's signature: reference.mla always walks query
-    blocks, so its memory stays bounded for long contexts.
-    """
-    del streaming
+def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EXACT) -> dict:
+    """Reference outputs (float64, absorbed path over the cache after the write) and the budgets:
+    pt variants = {absorbed from the cache, up-projected with the raw new tokens and the context
+    chunked like the case} x {K pre-scaled, scores scaled} x {normalised before P.V, after}, each
+    against its own float64 result."""
     dev = torch.device(compute_device)
     t = {k: v.to(dev) for k, v in tensors.items()}
     cache = t["kv_cache"].clone()
     ref_mla.write_latent(t["kv_c"], t["k_pe"], cache, t["slot_mapping"], case.kv_scale)
-    common = (t["block_table"], t["query_start_loc"], t["seq_lens"])
-    scale = case.softmax_scale
-    ref_out, ref_lse = ref_mla.paged_mla(t["q_nope"], t["q_pe"], cache, t["w_uk"], t["w_uv"], *common,
-                                         scale=scale, kv_scale=case.kv_scale, path="auto",
-                                         compute_dtype=torch.float64)
-    dt = case.torch_dtype
-    pt_abs, lse_abs = ref_mla.paged_mla(t["q_nope"], t["q_pe"], cache, t["w_uk"], t["w_uv"], *common,
-                                        scale=scale, kv_scale=case.kv_scale, path="absorbed",
-                                        compute_dtype=dt, lowp=True)
-    pt_up, lse_up = ref_mla.paged_mla(t["q_nope"], t["q_pe"], cache, t["w_uk"], t["w_uv"], *common,
-                                      scale=scale, kv_scale=case.kv_scale, path="upprojected",
-                                      compute_dtype=dt, lowp=True, new_kv_c=t["kv_c"], new_k_pe=t["k_pe"],
-                                      context_chunk_tokens=case.context_chunk_tokens)
-    e_abs, e_up = _masked_err(pt_abs, ref_out), _masked_err(pt_up, ref_out)
+    batch = (t["q_nope"], t["q_pe"], cache, t["w_uk"], t["w_uv"], t["block_table"], t["query_start_loc"],
+             t["seq_lens"])
+    common = dict(scale=case.softmax_scale, kv_scale=case.kv_scale, engine=engine)
+    live = dict(block_m=None if engine is em.EXACT else LIVE_BLOCK_M)
+    ref_out, ref_lse, sensitivity = em.paged_mla(*batch, **common, **live, path="absorbed",
+                                                 with_lse_sensitivity=True)
+    prefill = dict(path="upprojected", new_kv_c=t["kv_c"], new_k_pe=t["k_pe"],
+                   context_chunk_tokens=case.context_chunk_tokens)
+    if case.context_chunk_tokens is None:
+        prefill.update(live)
+    exact_prefill = em.paged_mla(*batch, **common, **prefill)
+    variants = []
+    for extra, exact in (({"path": "absorbed", **live}, (ref_out, ref_lse)), (prefill, exact_prefill)):
+        for prescale, normalise in itertools.product(em.PRESCALES, em.NORMALISES):
+            pt = em.paged_mla(*batch, **common, **extra, dtype=case.torch_dtype, prescale=prescale,
+                              normalise=normalise)
+            variants.append((*pt, *exact))
+    out = budgets.assemble((ref_out, ref_lse), variants, [exact_prefill],
+                           budgets.lse_step(sensitivity, case.torch_dtype),
+                           case.torch_dtype, fixed_order=engine is em.EXACT)
     L, R = case.kv_lora_rank, case.rope_dim
-    out = {
-        "expected.output": ref_out.to(torch.float32),
-        "expected.lse": ref_lse.to(torch.float32),
+    out.update({
+        "expected.output": budgets.to_float32(ref_out),
+        "expected.lse": budgets.to_float32(ref_lse),
         "expected.kv_cache_slots": cache.reshape(-1, L + R)[t["slot_mapping"]].clone(),
-        "budget.pt_err_row": torch.maximum(e_abs.amax(-1), e_up.amax(-1)).to(torch.float32),
-        "budget.round_row": rounding_step_rows(ref_out, dt).to(torch.float32),
-        "budget.lse_pt_err": torch.maximum(_lse_err(lse_abs, ref_lse), _lse_err(lse_up, ref_lse)).to(torch.float32),
-        "budget.pt_err_mean": torch.maximum(e_abs.mean(), e_up.mean()).to(torch.float32).reshape(()),
-    }
+    })
     return {k: v.cpu() for k, v in out.items()}
 
 
@@ -172,9 +158,10 @@ def build_golden(case) -> dict:
 
 
 def build_live(case, device) -> dict:
-    """Large tier: inputs from the case seed on the CPU (deterministic), oracle on ``device``."""
+    """Large tier: inputs from the case seed on the CPU (deterministic), oracle and budgets on
+    ``device`` with the FAST engine (never stored)."""
     tensors = build_inputs(case)
-    tensors.update(expected_and_budgets(case, tensors, compute_device=device))
+    tensors.update(expected_and_budgets(case, tensors, compute_device=device, engine=em.FAST))
     return tensors
 
 

@@ -1,15 +1,18 @@
 """The pass/fail rule (DESIGN.md "Pass/fail rule"), in one place.
 
 Reference = float64. Budget = the error of the same math in the input dtype ("pt"), stored
-per row in the golden. A backend passes when all of these hold:
+per row in the golden, plus the terms of attncheck.budgets (golden/README.md "Budgets" gives
+the error analysis). A backend passes when all of these hold:
 
 1. the output has the expected shape and dtype;
 2. NaN/Inf positions match the reference's (the reference output is finite everywhere);
-3. per row (token, head): ``max_d |o - ref| <= k * pt_err_row + 2 * round_row``
-   (k = 2; 3 with softcap/ALiBi; 4 with fp8);
-4. ``mean |o - ref| <= k_mean * mean |pt - ref|`` (k_mean = 1.5; 3 with fp8);
+3. per row (token, head): ``max_d |o - ref| <= k * pt_err_row + 2 * round_row + pipeline_row``
+   (k = 2; 3 with softcap/ALiBi; 4 with fp8; ``pipeline_row`` is 0 unless the case has more than
+   one legitimate pipeline, e.g. fp8 new tokens attended unquantised or read back);
+4. ``mean |o - ref| <= k_mean * mean |pt - ref| + pipeline_mean`` (k_mean = 1.5; 3 with fp8);
 5. LSE, where the backend returns one: -inf exactly where the reference has -inf, and per row
-   ``|lse - ref| <= max(k * lse_pt_err, 1e-5 + 1e-5 |ref|)``;
+   ``|lse - ref| <= max(k * lse_pt_err + lse_step + lse_pipeline, 1e-5 + 1e-5 |ref|)``
+   (``lse_step``: the scores' model-dtype roundings, see ``lse_budget``);
 6. cache writes bit-exact (checked by ``compare_cache``).
 
 Cosine distance and relative L2 are reported as diagnostics, never as the gate. A global
@@ -58,14 +61,6 @@ class RuleResult:
         return "\n".join(lines)
 
 
-def rounding_step_rows(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per row, max over the head dim of the rounding step at the reference's magnitude in
-    ``dtype``: |(r + 0.3) - 0.3 - r| evaluated in that dtype (FA3's trick)."""
-    r = ref.to(dtype)
-    step = ((r + 0.3) - 0.3 - r).abs().to(torch.float64)
-    return step.amax(dim=-1)
-
-
 def locate_token(tensors: dict, token: int, block_size: int, causal: bool = True,
                  sliding_window=None) -> dict:
     """Where a query row lives: its sequence, its position in it, and the KV blocks it reads."""
@@ -102,29 +97,56 @@ def _describe_row(locate: Optional[Callable], token: int, head: int) -> str:
             f"(row {token}), head {head}, keys {lo}..{hi} in KV blocks [{blk}]")
 
 
-def row_ratios(err: torch.Tensor, pt_row: torch.Tensor, round_row: torch.Tensor, k_row: float):
+def row_budget(expected: dict, k_row: float) -> torch.Tensor:
+    """Per row [T, H]: ``k * pt_err_row + 2 * round_row + pipeline_row``."""
+    return (k_row * expected["budget.pt_err_row"].to(torch.float64) + 2.0 * expected["budget.round_row"].to(torch.float64)
+            + _term(expected, "budget.pipeline_row", expected["budget.pt_err_row"]))
+
+
+def mean_budget(expected: dict, k_mean: float) -> float:
+    """``k_mean * pt_err_mean + pipeline_mean``."""
+    return k_mean * float(expected["budget.pt_err_mean"]) + float(
+        _term(expected, "budget.pipeline_mean", expected["budget.pt_err_mean"]))
+
+
+def row_ratios(err: torch.Tensor, expected: dict, k_row: float):
     """Per row (token, head): the error (max over the head dim of ``err``), its budget
-    ``k * pt_err_row + 2 * round_row``, and their ratio (> 1 fails)."""
+    (``row_budget``), and their ratio (> 1 fails)."""
     err_row = err.amax(dim=-1)  # [T, H]
-    budget_row = k_row * pt_row + 2.0 * round_row
+    budget_row = row_budget(expected, k_row)
     ratio = torch.where(budget_row > 0, err_row / budget_row,
                         torch.where(err_row > 0, torch.full_like(err_row, float("inf")), torch.zeros_like(err_row)))
     return err_row, budget_row, ratio
 
 
-def lse_budget(ref: torch.Tensor, pt: torch.Tensor, k: float) -> torch.Tensor:
-    """Per LSE row [H, T]: ``max(k * lse_pt_err, 1e-5 + 1e-5 |ref|)``."""
-    return torch.maximum(k * pt, LSE_ABS_FLOOR + LSE_REL_FLOOR * ref.abs().nan_to_num(0.0, 0.0, 0.0))
+def _term(expected: dict, name: str, like: torch.Tensor) -> torch.Tensor:
+    """A budget term, 0 when a golden (or a live case) does not carry it."""
+    t = expected.get(name)
+    return torch.zeros_like(like, dtype=torch.float64) if t is None else t.to(torch.float64)
 
 
-def lse_row_ratios(got: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, k: float) -> torch.Tensor:
+def lse_budget(expected: dict, k: float) -> torch.Tensor:
+    """Per LSE row [heads, tokens]: ``max(k * lse_pt_err + lse_step + lse_pipeline, 1e-5 + 1e-5 |ref|)``.
+
+    ``k * lse_pt_err`` scales one realisation of the pt paths' rounding noise (as the output
+    rule does); ``lse_step`` bounds, to first order in the worst case, what rounding the query
+    operand or the scores to the model dtype in any op order does to the LSE (its derivative in
+    each score is that key's probability); ``lse_pipeline`` is the exact difference between
+    legitimate pipelines; the floor covers float32 exp/log/summation. golden/README.md "Budgets"."""
+    ref = expected["expected.lse"].to(torch.float64)
+    pt = expected["budget.lse_pt_err"].to(torch.float64)
+    terms = k * pt + _term(expected, "budget.lse_step", pt) + _term(expected, "budget.lse_pipeline", pt)
+    return torch.maximum(terms, LSE_ABS_FLOOR + LSE_REL_FLOOR * ref.abs().nan_to_num(0.0, 0.0, 0.0))
+
+
+def lse_row_ratios(got: torch.Tensor, expected: dict, k: float) -> torch.Tensor:
     """Per LSE row [H, T]: |lse - ref| over its budget (> 1 fails); rows that are -inf in the
     reference and the backend give 0, NaN, +inf or a differing -inf pattern give inf."""
+    ref = expected["expected.lse"].to(torch.float64)
     ref_inf = torch.isneginf(ref)
     fin = ~ref_inf
     diff = torch.where(fin, (got - ref).abs(), torch.zeros_like(ref))
-    budget = lse_budget(ref, pt, k)
-    ratio = torch.where(fin, diff / budget, torch.zeros_like(diff))
+    ratio = torch.where(fin, diff / lse_budget(expected, k), torch.zeros_like(diff))
     broken = torch.isnan(got) | torch.isposinf(got) | (ref_inf ^ torch.isneginf(got))
     return torch.where(broken, torch.full_like(ratio, float("inf")), ratio)
 
@@ -134,9 +156,6 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
                    locate: Optional[Callable] = None) -> RuleResult:
     """Compare a backend's output (and LSE) with the golden's expected values and budgets."""
     ref = expected["expected.output"].to(torch.float64)
-    pt_row = expected["budget.pt_err_row"].to(torch.float64)
-    round_row = expected["budget.round_row"].to(torch.float64)
-    pt_mean = float(expected["budget.pt_err_mean"])
     checks: list = []
     result = RuleResult(passed=False, checks=checks)
 
@@ -160,7 +179,7 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
         checks.append(Check("finite", True))
 
     err = (o - ref).abs()
-    err_row, budget_row, ratio = row_ratios(err, pt_row, round_row, k_row)
+    err_row, budget_row, ratio = row_ratios(err, expected, k_row)
     result.worst_ratio = float(ratio.max()) if ratio.numel() else 0.0
     bad = ratio > 1.0
     if bool(bad.any()):
@@ -182,10 +201,10 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
         checks.append(Check(f"per-row (k={k_row:g})", True, f"worst ratio {result.worst_ratio:.3f}"))
 
     mean_err = float(err.mean())
-    mean_budget = k_mean * pt_mean
-    result.mean_ratio = mean_err / mean_budget if mean_budget > 0 else (0.0 if mean_err == 0 else float("inf"))
+    mean_allowed = mean_budget(expected, k_mean)
+    result.mean_ratio = mean_err / mean_allowed if mean_allowed > 0 else (0.0 if mean_err == 0 else float("inf"))
     checks.append(Check(f"mean (k={k_mean:g})", result.mean_ratio <= 1.0,
-                        f"mean error {mean_err:.3e}, budget {mean_budget:.3e}, ratio {result.mean_ratio:.3f}"))
+                        f"mean error {mean_err:.3e}, budget {mean_allowed:.3e}, ratio {result.mean_ratio:.3f}"))
 
     if lse is not None and "expected.lse" in expected:
         lse_check, lse_rows = _compare_lse(lse, expected, k_row, locate)
@@ -209,7 +228,6 @@ def _compare_lse(lse: torch.Tensor, expected: dict, k: float, locate) -> tuple[C
     if tuple(lse.shape) != tuple(ref.shape):
         return Check("lse", False, f"shape {tuple(lse.shape)}, expected {tuple(ref.shape)} ([heads, tokens])"), []
     got = lse.detach().to("cpu", torch.float64)
-    pt = expected["budget.lse_pt_err"].to(torch.float64)
     if bool(torch.isnan(got).any()):
         h, t = got.isnan().nonzero()[0].tolist()
         return Check("lse", False, f"NaN LSE at {_describe_row(locate, t, h)}"), [failing_row(locate, t, h, "lse")]
@@ -225,7 +243,7 @@ def _compare_lse(lse: torch.Tensor, expected: dict, k: float, locate) -> tuple[C
                 [failing_row(locate, t, h, "lse", error=float("inf"))])
     fin = ~ref_inf
     diff = torch.where(fin, (got - ref).abs(), torch.zeros_like(ref))
-    budget = lse_budget(ref, pt, k)
+    budget = lse_budget(expected, k)
     bad = (diff > budget) & fin
     if bool(bad.any()):
         ratio = torch.where(fin, diff / budget, torch.zeros_like(diff))

@@ -48,6 +48,8 @@ from typing import Optional
 
 import torch
 
+from reference import fp
+
 _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
 
 # Query rows per block in the one-sequence kernels; bounds the [N, rows, Sk] score tensor so a
@@ -85,11 +87,11 @@ def is_fp8(dtype: torch.dtype) -> bool:
 
 
 def quantize_fp8(x: torch.Tensor, scale: float, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """clamp(x.float() / scale, -max, max) rounded to nearest even in ``fp8_dtype``."""
+    """fl32(x / scale) clamped to +-max and rounded to nearest even in ``fp8_dtype``
+    (reference.fp.quantize_fp8: the rounding written out, not torch's cast)."""
     if fp8_dtype not in _FP8_MAX:
         raise ValueError(f"fp8_dtype: expected float8_e4m3fn or float8_e4m3fnuz, got {fp8_dtype}")
-    m = _FP8_MAX[fp8_dtype]
-    return (x.float() / scale).clamp(-m, m).to(fp8_dtype)
+    return fp.quantize_fp8(x, float(scale), fp.format_of(fp8_dtype)).to(fp8_dtype)  # exact: representable
 
 
 def dequantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

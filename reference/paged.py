@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from reference import fp
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 LAYOUTS = ("NHD", "HND")
 
@@ -30,12 +32,12 @@ def is_fp8(dtype: torch.dtype) -> bool:
 
 
 def quantize_fp8(x: torch.Tensor, scale, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """x / scale, saturated to the fp8 range, rounded to nearest even (torch's cast does RNE)."""
+    """fl32(x / scale), saturated to the fp8 range, rounded to nearest even: the rounding is
+    written out (reference.fp.quantize_fp8), so it does not depend on torch's fp8 cast."""
     if fp8_dtype not in FP8_DTYPES:
         raise ValueError(f"fp8_dtype: expected torch.float8_e4m3fn or torch.float8_e4m3fnuz, got {fp8_dtype}")
     _check_scale("scale", scale)
-    fmax = torch.finfo(fp8_dtype).max
-    return (x.float() / scale).clamp(-fmax, fmax).to(fp8_dtype)
+    return fp.quantize_fp8(x, float(scale), fp.format_of(fp8_dtype)).to(fp8_dtype)  # exact: representable
 
 
 def dequantize(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:

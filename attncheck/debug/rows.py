@@ -117,17 +117,14 @@ def row_maps(case, tensors: dict, actual: dict, error: str = "") -> RowMaps:
         nonfinite = ~torch.isfinite(o)
         o = torch.where(nonfinite, torch.zeros_like(o), o)
         err = (o - ref).abs()
-        _, _, ratio = rule.row_ratios(err, tensors["budget.pt_err_row"].to(torch.float64),
-                                      tensors["budget.round_row"].to(torch.float64), factors["k_row"])
+        _, _, ratio = rule.row_ratios(err, tensors, factors["k_row"])
         row_nonfinite = nonfinite.any(dim=-1)
         maps.nonfinite = row_nonfinite
         maps.ratio = torch.where(row_nonfinite, torch.full_like(ratio, float("inf")), ratio)
-        mean_budget = factors["k_mean"] * float(tensors["budget.pt_err_mean"])
-        maps.mean_failed = float(err.mean()) > mean_budget
+        maps.mean_failed = float(err.mean()) > rule.mean_budget(tensors, factors["k_mean"])
     lse = actual.get("lse")
     if lse is not None and "expected.lse" in tensors and tuple(lse.shape) == tuple(tensors["expected.lse"].shape):
-        lr = rule.lse_row_ratios(lse.detach().to("cpu", torch.float64), tensors["expected.lse"].to(torch.float64),
-                                 tensors["budget.lse_pt_err"].to(torch.float64), factors["k_row"])
+        lr = rule.lse_row_ratios(lse.detach().to("cpu", torch.float64), tensors, factors["k_row"])
         maps.lse_ratio = lr.T.contiguous()
     for field_name, expected_name in module.CACHE_FIELDS:
         if field_name in actual and expected_name in tensors:

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Machine independence of the golden store (issue 9 item 1) on the GPU machine.
+# Usage, on the device machine from the repository root: bash scripts/gpu/regen_check.sh
+# 1. `attncheck golden regen --check` (the CPU generator, on this machine's CPU, torch and Python)
+#    under ATEN_CPU_CAPABILITY=default, avx2 and avx512 (avx512 is skipped where the CPU lacks it).
+# 2. Every stored MHA/MLA case's expected.* and budget.* recomputed on CUDA from the stored inputs
+#    (reference.emulated's EXACT engine: float64 with written-out roundings, fixed-order sums)
+#    and compared byte for byte with the store.
+# Writes $OUT/regen_check.txt. Expected: every level "0 case(s) new, changed or removed" with exit 0,
+# and "cuda: N cases, 0 differ".
+set -u
+OUT=${OUT:-/tmp/attncheck-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+LOG="$OUT/regen_check.txt"
+python3 -c "import torch, platform; print('torch', torch.__version__, 'python', platform.python_version(), torch.cuda.get_device_name(0))" | tee "$LOG"
+for level in default avx2 avx512; do
+  echo "== ATEN_CPU_CAPABILITY=$level" | tee -a "$LOG"
+  ATEN_CPU_CAPABILITY=$level python3 -c "import sys, torch; from attncheck.cli import main
+print('capability', torch.backends.cpu.get_cpu_capability()); sys.exit(main(['golden', 'regen', '--check']))" >> "$LOG" 2>&1
+  echo "exit $?" | tee -a "$LOG"
+  grep -E "^capability|case\(s\)|changed|new |removed" "$LOG" | tail -n 3
+done
+echo "== expected.* and budget.* on cuda" | tee -a "$LOG"
+python3 - <<'PY' 2>&1 | tee -a "$LOG"
+import inspect, torch
+from attncheck import golden
+differ, n = [], 0
+for case in golden.stored_cases():
+    mod = golden.case_module(case)
+    if "compute_device" not in inspect.signature(getattr(mod, "expected_and_budgets", lambda: 0)).parameters:
+        continue  # merge cases: elementwise only, checked by regen --check
+    stored = golden.load(case)
+    inputs = {k: v for k, v in stored.items() if not k.startswith(("expected.", "budget."))}
+    got = mod.expected_and_budgets(case, inputs, compute_device="cuda")
+    n += 1
+    bad = [k for k, v in got.items() if golden.tensor_sha(v) != golden.tensor_sha(stored[k])]
+    if bad:
+        differ.append(f"{case.name}: {bad}")
+        print("  differs", case.name, bad, flush=True)
+print(f"cuda: {n} cases, {len(differ)} differ")
+PY

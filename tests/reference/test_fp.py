@@ -1,0 +1,100 @@
+"""reference.fp: rounding written out with exact float64 operations must agree with IEEE
+round-to-nearest-even (torch's float32 -> bf16/fp16/fp8 casts are RNE on the values compared
+here), and the deterministic elementary functions must be accurate to a few float64 ulp."""
+
+import math
+
+import pytest
+import torch
+
+from reference import fp
+
+pytestmark = pytest.mark.smoke
+F64 = torch.float64
+
+
+def _all_values(dtype) -> torch.Tensor:
+    """Every finite value of a 16- or 8-bit format, as float64."""
+    bits = torch.arange(2 ** (8 * torch.finfo(dtype).bits // 8), dtype=torch.int64)
+    view = {1: torch.uint8, 2: torch.int16}[torch.finfo(dtype).bits // 8]
+    x = bits.to(torch.int32).to(view).view(dtype).to(F64) if view is torch.int16 else \
+        bits.to(torch.uint8).view(dtype).to(F64)
+    return x[torch.isfinite(x)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e4m3fnuz])
+def test_round_to_matches_rne_on_every_value_and_every_midpoint(dtype):
+    fmt = fp.format_of(dtype)
+    v = torch.unique(_all_values(dtype))
+    assert torch.equal(fp.round_to(v, fmt), v)  # representable values are fixed points
+    mids = (v[:-1] + v[1:]) / 2  # exact in float64 (and in float32)
+    quarter = v[:-1] + (v[1:] - v[:-1]) / 4
+    for x in (mids, quarter, -mids):
+        want = x.to(torch.float32).to(dtype).to(F64)  # torch: float32 -> dtype, RNE
+        assert torch.equal(fp.round_to(x, fmt), want)
+
+
+def test_round_to_float32_matches_the_cast_across_the_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g, dtype=F64) * torch.exp2(torch.randint(-160, 130, (200_000,), generator=g).to(F64))
+    assert torch.equal(fp.round_to(x, fp.FP32), x.to(torch.float32).to(F64))
+
+
+def test_round_to_special_values():
+    x = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 65504.0, 65519.99, 65520.0, -65520.0, 2.0 ** -25,
+                      3 * 2.0 ** -26, 2.0 ** -24], dtype=F64)
+    y = fp.round_to(x, fp.FP16)
+    assert torch.equal(torch.signbit(y[:2]), torch.tensor([False, True]))
+    assert y[2] == math.inf and y[3] == -math.inf and math.isnan(y[4])
+    assert y[5] == 65504 and y[6] == 65504 and y[7] == math.inf and y[8] == -math.inf  # overflow at max + ulp/2
+    assert y[9] == 0 and y[10] == 2.0 ** -24 and y[11] == 2.0 ** -24  # subnormal ties to even
+    assert torch.equal(fp.round_to(x, None).view(torch.int64), x.view(torch.int64))  # None: float64, untouched
+
+
+def test_quantize_fp8_saturates_and_ties_to_even():
+    fmt = fp.E4M3FN
+    x = torch.tensor([500.0, -1000.0, 448.0, 1.0625, 1.1875, -1.0625, -0.0], dtype=F64)
+    q = fp.quantize_fp8(x * 0.5, 0.5, fmt)
+    assert q.tolist()[:6] == [448.0, -448.0, 448.0, 1.0, 1.25, -1.0]
+    assert fp.quantize_fp8(torch.tensor([-0.0], dtype=F64), 1.0, fp.E4M3FNUZ).item() == 0.0
+    assert not torch.signbit(fp.quantize_fp8(torch.tensor([-0.0], dtype=F64), 1.0, fp.E4M3FNUZ)).item()
+    assert fp.quantize_fp8(torch.tensor([300.0], dtype=F64), 1.0, fp.E4M3FNUZ).item() == 240.0
+
+
+@pytest.mark.parametrize("name,ours,theirs,lo,hi,ulps", [
+    ("exp", fp.exp, torch.exp, -700.0, 700.0, 2),
+    ("expm1", fp.expm1, torch.expm1, -3.0, 3.0, 4),
+    ("log", fp.log, torch.log, 1e-300, 1e300, 2),
+    ("tanh", fp.tanh, torch.tanh, -20.0, 20.0, 4),
+])
+def test_elementary_functions_are_accurate(name, ours, theirs, lo, hi, ulps):
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(100_000, generator=g, dtype=F64)
+    x = torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) if name == "log" else lo + u * (hi - lo)
+    a, b = ours(x), theirs(x)
+    rel = ((a - b).abs() / b.abs().clamp(min=1e-300)).max()
+    assert float(rel) <= ulps * 2.0 ** -52, f"{name}: {float(rel) / 2 ** -52:.2f} ulp"
+
+
+def test_elementary_function_special_values():
+    t = torch.tensor([-math.inf, math.inf, math.nan, 0.0, -800.0, 800.0], dtype=F64)
+    e = fp.exp(t)
+    assert e[0] == 0 and e[1] == math.inf and math.isnan(e[2]) and e[3] == 1 and e[4] == 0 and e[5] == math.inf
+    lg = fp.log(torch.tensor([0.0, -1.0, math.inf, 1.0], dtype=F64))
+    assert lg[0] == -math.inf and math.isnan(lg[1]) and lg[2] == math.inf and lg[3] == 0
+    c = fp.cos_2pi(torch.linspace(0, 1, 1001, dtype=F64))
+    assert float((c - torch.cos(2 * math.pi * torch.linspace(0, 1, 1001, dtype=F64))).abs().max()) < 1e-14
+
+
+def test_contract_is_einsum_in_a_fixed_order():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, 5, 70, generator=g, dtype=F64), torch.randn(70, 4, generator=g, dtype=F64)
+    got = fp.contract("xyd,dz->xyz", a, b)
+    assert torch.allclose(got, torch.einsum("xyd,dz->xyz", a, b), rtol=1e-13, atol=1e-13)
+    # the order is fixed: the same result whatever the memory layout of the operands
+    assert torch.equal(got, fp.contract("xyd,dz->xyz", a.transpose(0, 1).contiguous().transpose(0, 1), b.t().contiguous().t()))
+    # accumulating in float32 rounds the running sum after every block of 16
+    acc = fp.contract("xyd,dz->xyz", a, b, fp.FP32)
+    assert torch.equal(acc, fp.round_to(acc, fp.FP32)) and not torch.equal(acc, got)
+    x = torch.randn(4, 37, generator=g, dtype=F64)
+    assert torch.allclose(fp.sum_last(x), x.sum(-1), rtol=1e-13, atol=1e-13)
