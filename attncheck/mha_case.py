@@ -66,8 +66,10 @@ def build_inputs(case) -> dict:
         cursor += n
 
     cdt = _cache_dtype(case)
-    key_cache = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=torch.float32).to(cdt)
-    value_cache = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=torch.float32).to(cdt)
+    # NaN poison made by torch.full's scalar conversion: a vectorised float32 -> bf16 cast of NaN
+    # gives different bits per ISA level
+    key_cache = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=cdt)
+    value_cache = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=cdt)
 
     qlens, slens = list(case.query_lens), list(case.seq_lens)
     T = sum(qlens)
@@ -126,7 +128,8 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
 
     Pipelines: the reference reads every key from the cache after the write; with an fp8 cache a
     kernel may also attend the new tokens from the unquantised K/V (vLLM's prefill does), which
-    is a second legitimate pipeline. pt variants: each pipeline in both FlashAttention op orders
+    is a second legitimate pipeline; with ``context_chunk_tokens`` the context chunked and merged
+    (vLLM's prefill) is another. pt variants: each pipeline in both FlashAttention op orders
     (K pre-scaled; scores scaled), normalising before P.V or after, each against its own float64
     result.
     """
@@ -141,6 +144,9 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     pipelines = {"cache": ({}, (ref_out, ref_lse))}
     if case.kv_cache_dtype != "auto":
         pipelines["unquantised new tokens"] = (raw, em.paged_attention(*batch, **common, **raw))
+    if case.context_chunk_tokens is not None:  # vLLM's chunked prefill: partials merged in the model dtype
+        chunked = dict(context_chunk_tokens=case.context_chunk_tokens)
+        pipelines["chunked context"] = (chunked, em.paged_attention(*batch, **common, **chunked))
     variants = []
     for extra, exact in pipelines.values():
         for prescale, normalise in itertools.product(em.PRESCALES, em.NORMALISES):

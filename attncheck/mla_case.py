@@ -77,7 +77,7 @@ def build_inputs(case) -> dict:
     for b, n in enumerate(blocks_per_seq):
         block_table[b, :n] = perm[cursor:cursor + n]
         cursor += n
-    kv_cache = torch.full((num_blocks, bs, L + R), float("nan"), dtype=torch.float32).to(cdt)
+    kv_cache = torch.full((num_blocks, bs, L + R), float("nan"), dtype=cdt)  # scalar NaN: same bits on every ISA
 
     qlens, slens = list(case.query_lens), list(case.seq_lens)
     T = sum(qlens)

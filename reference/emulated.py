@@ -243,13 +243,15 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
                     causal=True, sliding_window=None, softcap=None, alibi_slopes=None, sinks=None,
                     k_scale=1.0, v_scale=1.0, dtype: torch.dtype = F64, prescale: str = "k",
                     normalise: str = "before", new_key=None, new_value=None, engine=EXACT,
-                    block_m: Optional[int] = None,
+                    block_m: Optional[int] = None, context_chunk_tokens: Optional[int] = None,
                     with_lse_sensitivity=False):
     """``attention`` over a vLLM-shaped batch whose cache holds every key (context and new).
 
     With ``new_key``/``new_value`` ([T, Hkv, D], the batch's new tokens) the new tokens' keys
     and values come from those instead of the cache (a pipeline that attends the new tokens
-    before, or without, reading them back from an fp8 cache). ``block_m`` takes each sequence's
+    before, or without, reading them back from an fp8 cache). ``context_chunk_tokens``: vLLM's
+    prefill with context (``chunked_context``): the new tokens causal over themselves, the context
+    in chunks, partials in the model dtype merged in order. ``block_m`` takes each sequence's
     queries that many at a time (rows are independent: only memory changes). Returns (out
     [T, Hq, Dv], lse [Hq, T]) as float64, plus ``lse_sensitivity`` [Hq, T] if
     ``with_lse_sensitivity``.
@@ -273,11 +275,23 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
         if new_key is not None:
             k = torch.cat([k[:ctx], fp.round_to(new_key[q0:q1].to(F64), m_fmt)])
             v = torch.cat([v[:ctx], fp.round_to(new_value[q0:q1].to(F64), m_fmt)])
+        if context_chunk_tokens is not None:
+            if sliding_window is not None or alibi_slopes is not None or sinks is not None:
+                raise ValueError("context_chunk_tokens: chunking with a window, ALiBi or sinks is not modelled")
+            q = fp.round_to(query[q0:q1].to(F64), m_fmt)
+            out[q0:q1], lse[:, q0:q1] = chunked_context(q, k, v, ctx, chunk_tokens=context_chunk_tokens, scale=scale,
+                                                        softcap=softcap, dtype=dtype, prescale=prescale,
+                                                        normalise=normalise, engine=engine)
+            if not with_lse_sensitivity:
+                continue
         step = (q1 - q0) if block_m is None else int(block_m)
         for m0 in range(q0, q1, step):
             m1 = min(m0 + step, q1)
             rows = dict(knobs, q_offset=ctx + (m0 - q0))
             q = fp.round_to(query[m0:m1].to(F64), m_fmt)
+            if context_chunk_tokens is not None:
+                sensitivity[:, m0:m1] = lse_sensitivity(q, k, softcap=softcap, engine=engine, **rows)
+                continue
             out[m0:m1], lse[:, m0:m1] = attention(q, k, v, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                                                   dtype=dtype, prescale=prescale, normalise=normalise,
                                                   engine=engine, **rows)
@@ -285,6 +299,23 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
                 sensitivity[:, m0:m1] = lse_sensitivity(q, k, softcap=softcap, alibi_slopes=alibi_slopes,
                                                         engine=engine, **rows)
     return (out, lse, sensitivity) if with_lse_sensitivity else (out, lse)
+
+
+def chunked_context(q, k, v, ctx: int, *, chunk_tokens: int, scale, softcap=None, dtype: torch.dtype = F64,
+                    prescale: str = "k", normalise: str = "before", engine=EXACT):
+    """One sequence, vLLM's prefill with context: the new tokens (keys ctx..) causal over
+    themselves, the context (keys ..ctx) in chunks of ``chunk_tokens`` without a mask, the
+    partials (model dtype) merged in order, then merge(prefix=context, suffix=new)."""
+    kw = dict(scale=scale, softcap=softcap, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
+    out, lse = attention(q, k[ctx:], v[ctx:], causal=True, **kw)
+    if ctx == 0:
+        return out, lse
+    ctx_out = ctx_lse = None
+    for a in range(0, ctx, max(1, int(chunk_tokens))):
+        b = min(a + int(chunk_tokens), ctx)
+        o, l = attention(q, k[a:b], v[a:b], causal=False, **kw)
+        ctx_out, ctx_lse = (o, l) if ctx_out is None else merge_states(ctx_out, ctx_lse, o, l, dtype, engine)
+    return merge_states(ctx_out, ctx_lse, out, lse, dtype, engine)
 
 
 # ---- MLA (reference/mla.py's two paths, with the roundings of a model-dtype implementation) ----

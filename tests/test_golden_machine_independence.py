@@ -10,7 +10,10 @@ store under all three levels takes ~15 minutes on two cores, so it runs only whe
 (ATTNCHECK_REGEN_ALL=1) and on the GPU machine (scripts/gpu/regen_check.sh).
 """
 
+import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,14 +41,16 @@ _CHILD = ("import sys, torch; from attncheck.cli import main; "
 
 
 def _regen_check(level: str, names) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
+    # a process of its own, not an xdist worker (regen refuses to run inside one)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["ATEN_CPU_CAPABILITY"] = level
     return subprocess.run([sys.executable, "-c", _CHILD, *(["--case", *names] if names else [])],
                           env=env, capture_output=True, text=True, timeout=3600)
 
 
 def _assert_unchanged(level: str, names) -> None:
     proc = _regen_check(level, names)
-    got = proc.stdout.splitlines()[0].split()[-1] if proc.stdout else ""
+    got = proc.stdout.splitlines()[0].split()[-1].lower() if proc.stdout else ""
     if got != level:
         pytest.skip(f"this CPU cannot run ATEN_CPU_CAPABILITY={level} (torch dispatches to {got!r})")
     assert proc.returncode == 0, f"{level}: regen --check exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -76,10 +81,8 @@ def test_whole_store_regen_check_is_unchanged_at_every_capability_level(level):
     _assert_unchanged(level, None)
 
 
-def test_a_changed_golden_is_reported(tmp_path, monkeypatch):
+def test_a_changed_golden_is_reported(tmp_path):
     """The check can fail: a store whose stored bytes differ from what the generator writes."""
-    import shutil
-
     name = PATHS[0]
     case = next(c for c in golden.stored_cases() if c.name == name)
     root = tmp_path / "golden"
@@ -87,13 +90,9 @@ def test_a_changed_golden_is_reported(tmp_path, monkeypatch):
     (root / rel).parent.mkdir(parents=True)
     shutil.copy(golden.case_path(case), root / rel)
     shutil.copy(golden.golden_dir() / golden.MANIFEST_NAME, root / golden.MANIFEST_NAME)
-    import io
-
     assert golden.regen([name], root=root, out=io.StringIO(), check_only=True) == 0
     manifest = golden.read_manifest(root)
     manifest["cases"][name]["file_sha256"] = "0" * 64  # as if one stored byte differed
-    import json
-
     (root / golden.MANIFEST_NAME).write_text(json.dumps(manifest))
     out = io.StringIO()
     assert golden.regen([name], root=root, out=out, check_only=True) == 1

@@ -42,8 +42,9 @@ PLANTED = [
     ("drop_last_key", "prefill-h8x2-d64-bs16-bf16", "per-row"),
     ("drop_last_key", "mixed-h32x8-d128-bs16-fp16", "per-row"),
     ("wrong_page", "mixed-h8x2-d64-bs16-bf16", "sequence 0"),
+    # (not on the fp8 cases: their new K/V are not fp8 values, and the budget's pipeline term,
+    # new tokens attended quantised or not, is larger than a 1% scale error there)
     ("scale_1.01", "mixed-h8x2-d64-bs16-bf16", "per-row"),
-    ("scale_1.01", "mixed-h8x2-d64-bs16-bf16-fp8e4m3fn", "per-row"),
     ("causal_off_by_one", "prefill-h8x2-d64-bs16-bf16", "per-row"),
     ("wrong_gqa_group", "mixed-h32x8-d128-bs16-fp16", "head 0"),
     ("read_poisoned_slot", "mixed-h8x2-d64-bs16-bf16", "NaN"),
@@ -153,7 +154,8 @@ def test_merge_goldens_judge_a_torch_merge(monkeypatch):
     def merge(t, pos_inf_is_empty=True):
         p, s = t["prefix_lse"].double(), t["suffix_lse"].double()
         if pos_inf_is_empty:
-            p, s = p.nan_to_num(posinf=float("-inf")), s.nan_to_num(posinf=float("-inf"))
+            # (not nan_to_num: it also turns -inf into the most negative finite number)
+            p, s = (torch.where(x == float("inf"), torch.full_like(x, float("-inf")), x) for x in (p, s))
         m = torch.maximum(p, s)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         wp, ws = torch.exp(p - m), torch.exp(s - m)
