@@ -144,7 +144,8 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     pipelines = {"cache": ({}, (ref_out, ref_lse))}
     if case.kv_cache_dtype != "auto":
         pipelines["unquantised new tokens"] = (raw, em.paged_attention(*batch, **common, **raw))
-    if case.context_chunk_tokens is not None:  # vLLM's chunked prefill: partials merged in the model dtype
+    chunkable = case.sliding_window is None and not case.alibi and not case.sinks  # what chunked_context models
+    if case.context_chunk_tokens is not None and chunkable:  # vLLM's chunked prefill: partials merged in the model dtype
         chunked = dict(context_chunk_tokens=case.context_chunk_tokens)
         pipelines["chunked context"] = (chunked, em.paged_attention(*batch, **common, **chunked))
     variants = []
