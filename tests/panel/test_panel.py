@@ -3,7 +3,8 @@
 One test per (member, case), smoke and full tiers alike (plain torch: the whole panel takes
 well under a minute on the CPU), through ``attncheck.harness.run_backend``: output, mean, LSE
 and cache-write checks. A member never skips: it declares every capability the catalogue uses.
-Pairs listed in tests/panel/budget_gaps.py are known budget gaps (issue 9), strict xfails on CPU.
+No pair is excused: before the emulated budgets (attncheck.budgets) 67 pairs failed the LSE
+check (docs/panel.md "Findings"); a member that fails a case now is a budget bug to report.
 """
 
 import ast
@@ -14,33 +15,20 @@ import torch
 
 from attncheck import golden, harness
 from attncheck.cases import get_case
-from tests.panel.budget_gaps import BUDGET_GAPS
 from tests.panel.members import MEMBERS, MHA_MEMBERS, PanelMHA, Recipe, quantise
 
 TIERS = ("smoke", "full")
 
 
-def _gap_reason(member: str, case: str) -> str:
-    rows, ratio = BUDGET_GAPS[member][case]
-    return (f"budget gap (issue 9): this legitimate kernel fails only the LSE check, {rows} rows over budget, "
-            f"worst LSE ratio {ratio} on CPU; outputs pass. Remove from tests/panel/budget_gaps.py "
-            f"once the budgets cover it.")
-
-
 def pytest_generate_tests(metafunc):
     if "panel_pair" not in metafunc.fixturenames:
         return
-    from attncheck import pytest_plugin
-
-    strict = pytest_plugin.setup_run(metafunc.config).device == "cpu"
     params = []
     for member in MEMBERS.values():
         for tier in TIERS:
             for case in harness.list_cases(tier=tier, kind=member.kind):
-                marks = [getattr(pytest.mark, tier)]
-                if case in BUDGET_GAPS.get(member.name, {}):
-                    marks.append(pytest.mark.xfail(strict=strict, reason=_gap_reason(member.name, case)))
-                params.append(pytest.param((member.name, case), id=f"{member.name}::{case}", marks=marks))
+                params.append(pytest.param((member.name, case), id=f"{member.name}::{case}",
+                                           marks=getattr(pytest.mark, tier)))
     metafunc.parametrize("panel_pair", params)
 
 
@@ -49,13 +37,6 @@ def test_member_passes_stored_case(panel_pair, device):
     v = harness.run_backend(MEMBERS[name], case, device=device)
     assert v.status == "pass", f"{v.status}: {v.reason}\n{v.report}"
     assert v.lse_checked, f"{name} returned no LSE on {case}"
-
-
-def test_budget_gap_table_names_real_members_and_cases():
-    for member, pairs in BUDGET_GAPS.items():
-        assert member in MEMBERS, member
-        for case in pairs:
-            assert get_case(case).kind == MEMBERS[member].kind, (member, case)
 
 
 @pytest.mark.smoke
