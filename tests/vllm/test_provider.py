@@ -52,12 +52,12 @@ def test_provider_error_for_preferences_that_need_nothing():
 
 
 @needs_vllm
-def test_vllm_preference_is_honoured_here():
+def test_vllm_preference_is_honoured_here(device):
     assert provider_mod.provider_error("vllm") is None
     for cls in VLLM_BACKENDS:
         be = cls(provider="vllm")
         assert be.provider == f"vllm=={VERSION}"
-        assert be.availability(torch.device("cpu")).ok
+        assert be.availability(torch.device(device)).ok
 
 
 def test_every_backend_names_its_provider():
@@ -83,23 +83,28 @@ def test_auto_means_vllm_where_it_loads_and_the_stand_in_capabilities_differ():
 
 
 UNLOADABLE = """
-import torch
+import sys, torch
 import impl.vllm as p
 from impl.backends.triton_attn import TritonAttnBackend
 from attncheck import harness
 print("ERROR", p.provider_error("vllm"))
 auto, forced = TritonAttnBackend(), TritonAttnBackend(provider="vllm")
-print("AUTO", auto.provider, harness.run_backend(auto, "decode-h8x2-d64-bs16-bf16").status)
-a = forced.availability(torch.device("cpu"))
+device = sys.argv[1]
+print("AUTO", auto.provider, harness.run_backend(auto, "decode-h8x2-d64-bs16-bf16", device=device).status)
+a = forced.availability(torch.device(device))
 print("FORCED", forced.provider, a.ok, a.reason)
 """
 
 
 @pytest.mark.slow
-def test_where_vllm_cannot_load_auto_runs_the_stand_in_and_vllm_is_refused(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", ATTNCHECK_VLLM_SRC=str(tmp_path / "nowhere"))
+def test_where_vllm_cannot_load_auto_runs_the_stand_in_and_vllm_is_refused(tmp_path, device):
+    env = dict(os.environ, ATTNCHECK_VLLM_SRC=str(tmp_path / "nowhere"))
     env.pop("ATTNCHECK_PROVIDER", None)
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(UNLOADABLE)], env=env, capture_output=True,
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(UNLOADABLE), device], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
