@@ -202,7 +202,12 @@ def sweep_plan(config):
     count = opt.attncheck_sweep_count
     if count is None:
         count = DEFAULT_SWEEP_COUNT[settings.device]
-    return opt.attncheck_sweep_seed, count, sizes, opt.attncheck_sweep_shapes, list(opt.attncheck_case or ())
+    names = list(opt.attncheck_case or ())
+    seed = opt.attncheck_sweep_seed
+    named_seeds = {sweep.parse_name(n)[0] for n in names if sweep.is_sweep_name(n)}
+    if len(named_seeds) == 1:  # `--case sweep:S:I`: the report describes seed S, not the default seed
+        seed = named_seeds.pop()
+    return seed, count, sizes, opt.attncheck_sweep_shapes, names
 
 
 def sweep_cases(config) -> list:
