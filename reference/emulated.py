@@ -228,7 +228,7 @@ def _probabilities(s, engine):
 
 
 def _gather(cache, block_table_row, start, end, scale, m_fmt):
-    """Tokens [start, end) of one sequence from an NHD cache, dequantised into the model format
+    """Tokens [start, end) of one sequence from an NHD cache (MLA: the latent cache), dequantised into the model format
     (fp8: rnd_m(stored * scale)), as float64."""
     bs = cache.shape[1]
     pos = torch.arange(start, end, device=cache.device)
@@ -413,16 +413,6 @@ def mla_chunked_prefill(q_nope, q_pe, new_kv_c, new_k_pe, ctx_kv_c, ctx_k_pe, w_
     return merge_states(ctx_out, ctx_lse, out, lse, dtype, engine)
 
 
-def _gather_latent(kv_cache, block_table_row, start, end, kv_scale, m_fmt):
-    bs = kv_cache.shape[1]
-    pos = torch.arange(start, end, device=kv_cache.device)
-    blocks = block_table_row.to(kv_cache.device).long()[pos // bs]
-    x = kv_cache[blocks, pos % bs].to(F64)
-    if kv_cache.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
-        x = fp.round_to(x * float(kv_scale), m_fmt)
-    return x
-
-
 def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, seq_lens, *, scale,
               kv_scale=1.0, path="absorbed", dtype: torch.dtype = F64, prescale: str = "k",
               normalise: str = "before", new_kv_c=None,
@@ -451,7 +441,7 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
     for b, s_len in enumerate(int(x) for x in seq_lens.tolist()):
         a, e = qsl[b], qsl[b + 1]
         ctx = s_len - (e - a)
-        lat = _gather_latent(kv_cache, block_table[b], 0, s_len, kv_scale, m_fmt)
+        lat = _gather(kv_cache, block_table[b], 0, s_len, kv_scale, m_fmt)
         if new_kv_c is not None:
             new = torch.cat([new_kv_c[a:e], new_k_pe[a:e]], dim=-1).to(F64)
             lat = torch.cat([lat[:ctx], fp.round_to(new, m_fmt)])

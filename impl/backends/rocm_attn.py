@@ -113,10 +113,7 @@ class RocmAttnBackend:
                    "softcap: implemented and tested in our kernels; vLLM's support not verified"))
 
     def availability(self, device) -> Availability:
-        base = self._triton_availability(device)
-        if base.ok and self._choice.error:
-            return Availability.no(self._choice.error)
-        return base
+        return self._choice.gate(self._triton_availability(device))
 
     def _triton_availability(self, device) -> Availability:
         device = torch.device(device)

@@ -111,10 +111,7 @@ class TritonAttnBackend:
                    "fp8 e4m3fnuz only under the Triton interpreter (CUDA Triton has no fnuz)"))
 
     def availability(self, device) -> Availability:
-        base = self._triton_availability(device)
-        if base.ok and self._choice.error:
-            return Availability.no(self._choice.error)
-        return base
+        return self._choice.gate(self._triton_availability(device))
 
     def _triton_availability(self, device) -> Availability:
         device = torch.device(device)

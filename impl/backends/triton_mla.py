@@ -302,10 +302,7 @@ class TritonMLABackend(MLAPipeline):
                    "varlen attention with V zero-padded 128 -> 192 and sliced back, context chunks merged"))
 
     def availability(self, device) -> Availability:
-        base = self._triton_availability(device)
-        if base.ok and self._choice.error:
-            return Availability.no(self._choice.error)
-        return base
+        return self._choice.gate(self._triton_availability(device))
 
     def _triton_availability(self, device) -> Availability:
         device = torch.device(device)

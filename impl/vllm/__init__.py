@@ -102,3 +102,10 @@ class ProviderChoice:
     @property
     def error(self) -> Optional[str]:
         return self._resolve()[3]
+
+    def gate(self, base):
+        """The backend's availability ``base``, refused with ``error`` where an explicit ``vllm``
+        preference cannot be honoured."""
+        from impl.backend import Availability
+
+        return Availability.no(self.error) if base.ok and self.error else base
