@@ -16,6 +16,7 @@ items of a case stay on one worker (``--dist loadgroup``), so its live oracle is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -119,7 +120,8 @@ def worker_count(args, settings) -> int:
 
 def pytest_args(args, settings, session_dir: str) -> list:
     """Arguments of the pytest run: the plugin's suite alone, in an empty directory with an
-    empty ini file, so that nothing around (a project's conftest, ini or tests) takes part."""
+    empty ini file, so that nothing around (a project's conftest, ini or tests) takes part.
+    Plugin autoloading is off for the run (see ``run``), so the plugins it needs are named here."""
     pargs = [session_dir, "-c", str(Path(session_dir) / "pytest.ini"), "--rootdir", session_dir, "--noconftest",
              "-p", "attncheck.pytest_plugin", "-p", "no:cacheprovider", "-q", "--tb=no", "-rN", "--attncheck",
              "--attncheck-device", settings.device, "--attncheck-tier", settings.tier]
@@ -144,8 +146,28 @@ def pytest_args(args, settings, session_dir: str) -> list:
         pargs += ["--attncheck-profile"]
     workers = worker_count(args, settings)
     if workers > 1:
-        pargs += ["-n", str(workers), "--dist", "loadgroup"]
+        pargs += ["-p", "xdist.plugin", "-n", str(workers), "--dist", "loadgroup"]
     return pargs
+
+
+@contextlib.contextmanager
+def _no_plugin_autoload():
+    """Third-party pytest plugins of the environment stay out of the verify run: they are not
+    part of the verdict and some write into the working directory (pytest-benchmark creates
+    ``.benchmarks/``) or change the run (reordering, reruns). The variable reaches xdist's
+    workers through their environment; it is restored afterwards."""
+    old = os.environ.get(_AUTOLOAD)
+    os.environ[_AUTOLOAD] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_AUTOLOAD, None)
+        else:
+            os.environ[_AUTOLOAD] = old
+
+
+_AUTOLOAD = "PYTEST_DISABLE_PLUGIN_AUTOLOAD"
 
 
 def run(args) -> int:
@@ -170,7 +192,8 @@ def run(args) -> int:
     collector = report.VerdictCollector()
     with tempfile.TemporaryDirectory(prefix="attncheck-verify-") as session_dir:
         (Path(session_dir) / "pytest.ini").write_text("[pytest]\n")
-        rc = pytest.main(pytest_args(args, settings, session_dir), plugins=[collector])
+        with _no_plugin_autoload():
+            rc = pytest.main(pytest_args(args, settings, session_dir), plugins=[collector])
     if rc == pytest.ExitCode.USAGE_ERROR:
         return 2
     if not collector.verdicts:

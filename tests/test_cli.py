@@ -1,6 +1,7 @@
 """The attncheck command line, run as a user would (the console script, from a directory)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,28 @@ def test_verify_runs_from_any_directory_with_a_users_plugin(tmp_path):
     r = attncheck("verify", "--device", "cpu", "--backend-plugin", "my_backends:BACKEND", "--backend", "MY_KERNEL",
                   *ONE_CASE, "-n", "0", cwd=tmp_path)
     assert r.returncode == 1 and "FAIL MY_KERNEL :: prefill-h8x2-d64-bs16-bf16" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_verify_keeps_the_environments_pytest_plugins_out(tmp_path, workers):
+    """A pytest plugin installed in the environment (an entry point in group pytest11, as
+    pytest-benchmark or pytest-randomly have) takes no part in the verify run, in this process
+    or in xdist's workers: it is not part of the verdict, and pytest-benchmark, for one, creates
+    ``.benchmarks/`` in the working directory."""
+    site, probe_cwd, cwd = tmp_path / "site", tmp_path / "probe", tmp_path / "cwd"
+    (site / "intruder-1.0.dist-info").mkdir(parents=True)
+    probe_cwd.mkdir()
+    cwd.mkdir()
+    (site / "intruder-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: intruder\nVersion: 1.0\n")
+    (site / "intruder-1.0.dist-info" / "entry_points.txt").write_text("[pytest11]\nintruder = intruder_plugin\n")
+    (site / "intruder_plugin.py").write_text(
+        "import os\n\ndef pytest_configure(config):\n"
+        "    open(os.path.join(os.getcwd(), 'intruder-was-here'), 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("PYTEST_DISABLE_PLUGIN_AUTOLOAD", None)
+    probe = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", str(tmp_path / "none")], cwd=probe_cwd,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert (probe_cwd / "intruder-was-here").exists(), "plain pytest does not autoload the plugin: " + probe.stderr
+    r = attncheck("verify", "--device", "cpu", "--backend", "TORCH_SDPA", *ONE_CASE, "-n", workers, cwd=cwd, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert list(cwd.iterdir()) == []
