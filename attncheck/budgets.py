@@ -16,6 +16,12 @@ golden/README.md ("Budgets") gives the error analysis behind each term.
                                (any pre-scaling) and the scores twice each in the model dtype
                                (unit roundoff u) can cause, to first order in the worst case
                                (reference.emulated.lse_sensitivity)
+    budget.out_step    [T, H]  max_d of u32 * reference.emulated.output_step: what the float32
+                               arithmetic of any correct kernel (its not correctly rounded exp
+                               and tanh, its op order on the scores, its summation order) can
+                               do to the output, which the pt variants carry as one realisation
+                               at most (MHA; 0 where a golden has none)
+    budget.out_step_mean []    the mean of u32 * output_step over every element
 """
 
 from __future__ import annotations
@@ -54,14 +60,15 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def assemble(reference: tuple, variants: Sequence[tuple], pipelines: Sequence[tuple], lse_step: torch.Tensor,
-             dtype: torch.dtype, fixed_order: bool = True) -> dict:
+             dtype: torch.dtype, fixed_order: bool = True, output_step: Optional[torch.Tensor] = None) -> dict:
     """The budget.* tensors (float32).
 
     ``reference`` = (out [T, H, D], lse [H, T]) float64; ``variants`` = ((pt_out, pt_lse,
     exact_out, exact_lse), ...) with each pt variant next to the float64 result of its own
     pipeline; ``pipelines`` = ((exact_out, exact_lse), ...) of every legitimate pipeline other
-    than the reference's own (may be empty); ``lse_step`` [H, T]. ``fixed_order=False`` (the live
-    large tier) takes means with torch's own summation.
+    than the reference's own (may be empty); ``lse_step`` [H, T]; ``output_step`` [T, H, D] in
+    units of the float32 unit roundoff (reference.emulated.output_step), or None.
+    ``fixed_order=False`` (the live tiers) takes means with torch's own summation.
     """
     mean = _mean if fixed_order else (lambda x: x.to(F64).mean())
     ref_out, ref_lse = reference
@@ -90,6 +97,10 @@ def assemble(reference: tuple, variants: Sequence[tuple], pipelines: Sequence[tu
         "budget.lse_pipeline": pipe_lse,
         "budget.lse_step": lse_step.to(F64),
     }
+    if output_step is not None:
+        u32 = fp.FP32.unit_roundoff
+        out["budget.out_step"] = output_step.to(F64).amax(dim=-1) * u32
+        out["budget.out_step_mean"] = (mean(output_step.to(F64)) * u32).reshape(())
     return {k: to_float32(v) for k, v in out.items()}
 
 

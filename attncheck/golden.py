@@ -49,7 +49,8 @@ CONVENTIONS = {
     "poison": "unused cache slots, spare blocks and block-table padding hold NaN",
     "reference_precision": "float64 on CPU, one thread; stored as float32",
     "budget": "pt = same math in the input dtype, both op orders (K pre-scaled; scores scaled), the larger "
-              "error per row (max over the head dim)",
+              "error per row (max over the head dim); MHA adds out_step, a bound on what any correct kernel's "
+              "float32 arithmetic does (golden/README.md, Budgets)",
 }
 _LOGICAL = {
     "float8_e4m3fn": torch.float8_e4m3fn,

@@ -139,7 +139,8 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     ref_paged.write_kv(t["key"], t["value"], kc, vc, t["slot_mapping"], k_scale=case.k_scale, v_scale=case.v_scale)
     batch = (t["query"], kc, vc, t["block_table"], t["query_start_loc"], t["seq_lens"])
     common = dict(_knobs(case, t), engine=engine, block_m=None if engine is em.EXACT else LIVE_BLOCK_M)
-    ref_out, ref_lse, sensitivity = em.paged_attention(*batch, **common, with_lse_sensitivity=True)
+    ref_out, ref_lse, sensitivity, out_step = em.paged_attention(*batch, **common, with_lse_sensitivity=True,
+                                                                 with_output_step=True)
     raw = dict(new_key=t["key"], new_value=t["value"])
     pipelines = {"cache": ({}, (ref_out, ref_lse))}
     if case.kv_cache_dtype != "auto":
@@ -157,7 +158,7 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     others = [exact for name, (_, exact) in pipelines.items() if name != "cache"]
     out = budgets.assemble((ref_out, ref_lse), variants, others,
                            budgets.lse_step(sensitivity, case.torch_dtype),
-                           case.torch_dtype, fixed_order=engine is em.EXACT)
+                           case.torch_dtype, fixed_order=engine is em.EXACT, output_step=out_step)
     slots = t["slot_mapping"]
     Hkv, D = kc.shape[2], kc.shape[3]
     out.update({

@@ -218,6 +218,83 @@ def lse_sensitivity(q, k, *, scale, causal=True, sliding_window=None, softcap=No
     return b_q * scale + b_s
 
 
+# Float32 arithmetic that every kernel does in its own way and the pt variants do not model
+# term by term (output_step; golden/README.md "Budgets" gives the analysis).
+EXP_ULPS = 20  # the loosest float32 exp of a shipped attention kernel: PyTorch's CPU flash attention (exp_u20, "ULP=20")
+EXP_REL = 2 * EXP_ULPS  # its relative error in units of u (an ulp of y is at most 2u|y|)
+EXP_LEVELS = 2  # an exp per key, and one per partial where partials are merged (split-KV, chunked context)
+TANH_ABS = 2 * EXP_REL + 3  # absolute error of tanh = (e^x - e^-x)/(e^x + e^-x) from such exps, in units of u
+ACCUMULATION_LAMBDA = 6.0  # lambda of the probabilistic sum bound; P(exceeded) <= 2 exp(-lambda^2 / 2) ~ 3e-8
+
+
+def output_step(q, k, v, *, scale, causal=True, sliding_window=None, softcap=None, alibi_slopes=None, sinks=None,
+                q_offset=None, engine=EXACT):
+    """[Sq, Hq, Dv] float64, in units of the float32 unit roundoff u: a bound on how far a
+    correct float32-arithmetic kernel's output may move from the exact result through what the
+    pt variants carry as one realisation only, or not at all.
+
+    To first order the output's change is sum_j p_j eps_j (v_j - o) when key j's unnormalised
+    weight moves by a relative eps_j (|v_j - o| <= |v_j| + |o| keeps it to two contractions):
+    eps_j <= u w_j with w_j = EXP_LEVELS * EXP_REL (the exps of a kernel are not correctly
+    rounded) + 2 A_j (the query operand rounded twice, A_j = scale sum_d |q_d k_jd|) +
+    2 max(|c_j|, |s_j|) (the score rounded twice) + 2 |s_j - m| (s - m and the log2(e) fold of
+    exp2) + |s_j - c_j| (the ALiBi bias) + TANH_ABS * cap (softcap's tanh, absolute). A sink is
+    one more logit with v = 0. Summation in any order (P.V, the exp sum, the online-softmax
+    rescales): lambda sqrt(n) u (sum_j p_j |v_j| + |o|) over n keys, the probabilistic bound of
+    Higham and Mary (2019) with lambda = ACCUMULATION_LAMBDA; 2 u |o| the final normalisation
+    (a reciprocal and a product). Rows with no visible key get 0.
+    """
+    q, k, v = q.to(F64), k.to(F64), v.to(F64)
+    sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    g = hq // hkv
+    if sq == 0 or sk == 0:
+        return torch.zeros(sq, hq, dv, dtype=F64, device=q.device)
+    qpos = query_positions(sq, sk, q_offset, q.device)
+    kpos = torch.arange(sk, device=q.device)
+    qg = q.reshape(sq, hkv, g, d)
+    capped = engine.contract("mkgd,nkd->kgmn", qg, k, None).reshape(hq, sq, sk) * scale
+    if softcap is not None:
+        capped = softcap * engine.tanh(capped / softcap)
+    final = capped
+    if alibi_slopes is not None:
+        bias = alibi_slopes.to(device=q.device, dtype=F64)[:, None, None] * (qpos[:, None] - kpos[None, :]).abs()
+        final = capped - bias
+    mask = visible(qpos, kpos, causal, sliding_window)
+    final = final.masked_fill(~mask, float("-inf"))
+    shift = final.amax(dim=-1)  # [Hq, Sq]
+    if sinks is not None:
+        sink = sinks.to(device=q.device, dtype=F64)[:, None].expand(hq, sq)
+        shift = torch.maximum(shift, sink)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    e = engine.exp(final - shift[..., None])  # 0 where masked
+    total = engine.row_sum(e, None)
+    n = mask.sum(dim=-1).to(F64)[None].expand(hq, sq)
+    if sinks is not None:
+        e_sink = engine.exp(sink - shift)
+        total = total + e_sink
+        n = n + 1
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    p = e / safe[..., None]
+    a_q = engine.contract("mkgd,nkd->kgmn", qg.abs(), k.abs(), None).reshape(hq, sq, sk) * scale
+    visible_final = torch.where(mask, final, capped)  # finite where masked: p is 0 there
+    w = (EXP_LEVELS * EXP_REL + 2 * a_q + 2 * torch.maximum(capped.abs(), visible_final.abs())
+         + 2 * (visible_final - shift[..., None]).abs() + (visible_final - capped).abs())
+    if softcap is not None:
+        w = w + TANH_ABS * abs(float(softcap))
+    weight_sum = engine.row_sum(p * w, None)  # [Hq, Sq]
+    if sinks is not None:
+        weight_sum = weight_sum + e_sink / safe * (EXP_LEVELS * EXP_REL + 2 * (sink - shift).abs())
+    spread = ACCUMULATION_LAMBDA * n.sqrt()  # [Hq, Sq]
+    pv = lambda x: engine.contract("kgmn,nkd->kgmd", x.reshape(hkv, g, sq, sk), v, None).reshape(hq, sq, dv)  # noqa: E731
+    o = pv(p)
+    weighted_v = engine.contract("kgmn,nkd->kgmd", (p * (w + spread[..., None])).reshape(hkv, g, sq, sk), v.abs(),
+                                 None).reshape(hq, sq, dv)
+    step = weighted_v + o.abs() * (weight_sum + spread + 2)[..., None]
+    step = torch.where((total > 0)[..., None], step, torch.zeros_like(step))
+    return step.permute(1, 0, 2).contiguous()
+
+
 def _probabilities(s, engine):
     """float64 softmax over the last dim of masked logits (rows with no visible key: 0)."""
     m = s.amax(dim=-1, keepdim=True)
@@ -244,7 +321,7 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
                     k_scale=1.0, v_scale=1.0, dtype: torch.dtype = F64, prescale: str = "k",
                     normalise: str = "before", new_key=None, new_value=None, engine=EXACT,
                     block_m: Optional[int] = None, context_chunk_tokens: Optional[int] = None,
-                    with_lse_sensitivity=False):
+                    with_lse_sensitivity=False, with_output_step=False):
     """``attention`` over a vLLM-shaped batch whose cache holds every key (context and new).
 
     With ``new_key``/``new_value`` ([T, Hkv, D], the batch's new tokens) the new tokens' keys
@@ -254,7 +331,7 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     in chunks, partials in the model dtype merged in order. ``block_m`` takes each sequence's
     queries that many at a time (rows are independent: only memory changes). Returns (out
     [T, Hq, Dv], lse [Hq, T]) as float64, plus ``lse_sensitivity`` [Hq, T] if
-    ``with_lse_sensitivity``.
+    ``with_lse_sensitivity`` and then ``output_step`` [T, Hq, Dv] if ``with_output_step``.
     """
     check_paged(query, key_cache, value_cache, block_table, query_start_loc, seq_lens)
     m_fmt, _ = _formats(dtype)
@@ -263,6 +340,7 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     out = torch.zeros(t, hq, value_cache.shape[3], dtype=F64, device=dev)
     lse = torch.full((hq, t), float("-inf"), dtype=F64, device=dev)
     sensitivity = torch.zeros(hq, t, dtype=F64, device=dev)
+    step_out = torch.zeros_like(out) if with_output_step else None
     qsl = query_start_loc.tolist()
     knobs = dict(scale=scale, causal=causal, sliding_window=sliding_window)
     for b, seq_len in enumerate(seq_lens.tolist()):
@@ -282,23 +360,25 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
             out[q0:q1], lse[:, q0:q1] = chunked_context(q, k, v, ctx, chunk_tokens=context_chunk_tokens, scale=scale,
                                                         softcap=softcap, dtype=dtype, prescale=prescale,
                                                         normalise=normalise, engine=engine)
-            if not with_lse_sensitivity:
+            if not (with_lse_sensitivity or with_output_step):
                 continue
         step = (q1 - q0) if block_m is None else int(block_m)
         for m0 in range(q0, q1, step):
             m1 = min(m0 + step, q1)
             rows = dict(knobs, q_offset=ctx + (m0 - q0))
             q = fp.round_to(query[m0:m1].to(F64), m_fmt)
-            if context_chunk_tokens is not None:
-                sensitivity[:, m0:m1] = lse_sensitivity(q, k, softcap=softcap, engine=engine, **rows)
-                continue
-            out[m0:m1], lse[:, m0:m1] = attention(q, k, v, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                                                  dtype=dtype, prescale=prescale, normalise=normalise,
-                                                  engine=engine, **rows)
+            if context_chunk_tokens is None:
+                out[m0:m1], lse[:, m0:m1] = attention(q, k, v, softcap=softcap, alibi_slopes=alibi_slopes,
+                                                      sinks=sinks, dtype=dtype, prescale=prescale,
+                                                      normalise=normalise, engine=engine, **rows)
             if with_lse_sensitivity:
                 sensitivity[:, m0:m1] = lse_sensitivity(q, k, softcap=softcap, alibi_slopes=alibi_slopes,
                                                         engine=engine, **rows)
-    return (out, lse, sensitivity) if with_lse_sensitivity else (out, lse)
+            if with_output_step:
+                step_out[m0:m1] = output_step(q, k, v, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                                              engine=engine, **rows)
+    extra = ((sensitivity,) if with_lse_sensitivity else ()) + ((step_out,) if with_output_step else ())
+    return (out, lse, *extra)
 
 
 def chunked_context(q, k, v, ctx: int, *, chunk_tokens: int, scale, softcap=None, dtype: torch.dtype = F64,

@@ -45,14 +45,6 @@ class TorchSDPABackend:
                    "on an H200 a row with one visible key came out 2 ulp off V (per-row ratio 2.0, mean 1.22); "
                    "the same case passes on the CPU kernels at 0.91",
             link="attncheck#2 (torch SDPA fp32 on CUDA)", platform="cuda", dtypes=frozenset({"fp32"})),
-        KnownIssue(
-            backend="TORCH_SDPA",
-            reason="float32 per-row output budget gap (a budget limit, not a kernel defect): the fp32 budget is one "
-                   "realisation of fp32 rounding noise; torch's CPU SDPA lands past it on short rows drawn by the "
-                   "sweep (emulated budgets): sweep:1:12 (fp32, ALiBi, h32x8 d96) ratio 2.96, sweep:1:25 2.00, "
-                   "sweep:1:0 1.91, output rel_l2 2e-7; the stored fp32 cases pass",
-            link="attncheck#9 (budgets that accept every legitimate op order)", platform="all",
-            dtypes=frozenset({"fp32"}), predicate=lambda p: p.tier == "sweep"),
     )
 
     def availability(self, device: torch.device) -> Availability:

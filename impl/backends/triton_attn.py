@@ -52,20 +52,6 @@ def tf32_issue(backend: str) -> KnownIssue:
                       dtypes={"fp32"})
 
 
-# a budget limit of the stand-in sweep rows, whichever provider runs (the sweep found it on the
-# stand-in kernels; for vLLM's kernels a case where it does not reproduce is noted as such)
-SWEEP_FP32_BUDGET_GAP = KnownIssue(
-    backend="TRITON_ATTN",
-    reason="float32 per-row output budget gap (a budget limit, not a kernel defect): the fp32 budget is one "
-           "realisation of fp32 rounding noise, and on short rows another legitimate summation order "
-           "lands past it (and the kernel's tanh differs from torch's at large softcapped scores); seen by "
-           "the sweep on the CPU interpreter with the emulated budgets (stand-in kernels): sweep:1:0 ratio "
-           "2.54, sweep:1:25 2.37, sweep:1:12 2.01, sweep:1:40 (non-causal, d128, 10 keys) 1.14, sweep:3:2 "
-           "(softcap 50, query std 8) 6.97, output rel_l2 <= 8e-7; the stored fp32 cases pass",
-    link="attncheck#9 (budgets that accept every legitimate op order)", platform="all",
-    dtypes=frozenset({"fp32"}), predicate=lambda p: p.tier == "sweep")
-
-
 class TritonAttnBackend:
     """vLLM's TRITON_ATTN: cache write + one unified-attention launch (2-D or split-KV)."""
 
@@ -82,7 +68,7 @@ class TritonAttnBackend:
 
     @property
     def known_issues(self) -> tuple:
-        return (SWEEP_FP32_BUDGET_GAP,) + ((tf32_issue(self.name),) if self._choice.uses_vllm else ())
+        return (tf32_issue(self.name),) if self._choice.uses_vllm else ()
 
     @property
     def capabilities(self) -> Capabilities:

@@ -28,11 +28,12 @@ for level in default avx2 avx512; do
   grep -v -E '^  unchanged|^0 case\(s\) new' "$OUT/regen_$level.txt" | head -20 | tee -a "$LOG"
 done
 echo "== expected.* and budget.* on cuda" | tee -a "$LOG"
-python3 - <<'PY' 2>&1 | tee -a "$LOG"
-import inspect, torch
+CASES="$CASES" python3 - <<'PY' 2>&1 | tee -a "$LOG"
+import inspect, os, torch
 from attncheck import golden
 differ, n = [], 0
-for case in golden.stored_cases():
+wanted = set(os.environ["CASES"].split())
+for case in (c for c in golden.stored_cases() if c.name in wanted):
     mod = golden.case_module(case)
     if "compute_device" not in inspect.signature(getattr(mod, "expected_and_budgets", lambda: 0)).parameters:
         continue  # merge cases: elementwise only, checked by regen --check

@@ -88,6 +88,10 @@ class Recipe:
                laid out in, hence the order the fp32 sums over keys are accumulated in
     fp8_new:   "cache" (new tokens read back from the cache after the write) or "inputs" (new
                tokens attended from the unquantised key/value inputs, context from the cache)
+    exp_ulps:  0 (torch's exp), or an exp off by up to that many float32 ulps (relative), as a
+               fast-math kernel's is (PyTorch's CPU flash attention uses exp_u20: up to 20)
+    tanh:      "torch" or "exp_form": softcap's tanh as (e^x - e^-x) / (e^x + e^-x) from the
+               recipe's exps (vLLM's Triton kernels compute it this way)
     """
 
     scores: str = "scaled_fp32"
@@ -98,6 +102,19 @@ class Recipe:
     splits: int = 0
     key_order: str = "natural"
     fp8_new: str = "cache"
+    exp_ulps: int = 0
+    tanh: str = "torch"
+
+
+def inexact(y: torch.Tensor, x: torch.Tensor, ulps: int) -> torch.Tensor:
+    """fp32 ``y`` = f(x) off by a relative error of up to ``ulps`` * 2^-24 (between ulps/2 and
+    ulps float32 ulps of y), deterministic in x: sign and size come from a hash of x's bits,
+    so every run and device agree."""
+    if ulps == 0:
+        return y
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64)
+    frac = ((bits * 2654435761) % 65536).to(torch.float64) / 32768.0 - 1.0  # in [-1, 1)
+    return (y.double() * (1.0 + frac * ulps * 2.0 ** -24)).float()
 
 
 MHA_CAPABILITIES = Capabilities(
@@ -170,7 +187,7 @@ class PanelMHA:
             raise ValueError(f"recipe.scores: unknown order {r.scores!r}")
         if batch.softcap:
             cap = batch.softcap * unit  # c' tanh(x'/c') = log2(e) c tanh(x/c) with x' = log2(e) x
-            s = cap * torch.tanh(s / cap)
+            s = cap * self._tanh(s / cap)
         dist = qpos[:, None] - kpos[None, :]
         if batch.alibi_slopes is not None:
             s = s - (batch.alibi_slopes.float() * unit)[:, None, None] * dist.abs().float()[None]
@@ -182,7 +199,15 @@ class PanelMHA:
         return s.masked_fill(~ok[None], NEG_INF)
 
     def _exp(self, x):
-        return torch.exp2(x) if self.recipe.scores == "exp2" else torch.exp(x)
+        return inexact(torch.exp2(x) if self.recipe.scores == "exp2" else torch.exp(x), x, self.recipe.exp_ulps)
+
+    def _tanh(self, x):
+        if self.recipe.tanh == "torch":
+            return torch.tanh(x)
+        if self.recipe.tanh == "exp_form":
+            ep, en = (inexact(torch.exp(t), t, self.recipe.exp_ulps) for t in (x, -x))
+            return (ep - en) / (ep + en)
+        raise ValueError(f"recipe.tanh: unknown form {self.recipe.tanh!r}")
 
     def _log(self, x):
         return torch.log2(x) if self.recipe.scores == "exp2" else torch.log(x)
@@ -449,6 +474,10 @@ MHA_MEMBERS = [
              "new tokens attended from the unquantised K/V inputs, context from the cache"),
     PanelMHA("PANEL_FP8_NEW_FROM_CACHE", replace(_BASE, fp8_new="cache"),
              "new tokens read back from the (fp8) cache after the write"),
+    PanelMHA("PANEL_EXP_20ULP", replace(_KERNEL, softmax="online", block=64, exp_ulps=20),
+             "online softmax whose exp is off by up to 20 float32 ulps (PyTorch's CPU exp_u20)"),
+    PanelMHA("PANEL_TANH_EXP_FORM", replace(_BASE, scores="exp2", tanh="exp_form", exp_ulps=20),
+             "exp2, softcap's tanh from two 20-ulp exps, (e^x - e^-x) / (e^x + e^-x)"),
 ]
 
 MLA_MEMBERS = [

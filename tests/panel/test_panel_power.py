@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from attncheck import harness
+from attncheck import golden, harness
+from attncheck.cases import get_case
 from tests.panel.members import LN2, MEMBERS, PanelMHA, PanelMLA, gather
 
 pytestmark = pytest.mark.smoke
@@ -138,3 +139,17 @@ def test_planted_member_fails_where_its_twin_passes(make, twin, case, check, dev
     bad = harness.run_backend(make(), case, device=device)
     assert good.status in ("pass", "fail") and not _check_failed(good, check), good.report
     assert bad.status == "fail" and _check_failed(bad, check), f"{check} not caught:\n{bad.report}"
+
+
+@pytest.mark.parametrize("name", ["PANEL_EXP_20ULP", "PANEL_TANH_EXP_FORM"])
+def test_fast_math_members_pass_only_with_the_float32_step(name):
+    """The fast-math members (an exp off by up to 20 ulps, PyTorch's CPU exp_u20; softcap's
+    tanh from such exps) are correct kernels, and the budget's ``out_step`` term is what
+    accepts them: without it the same stored fp32 case fails its per-row check."""
+    case = "mixed-h8x8-d64-bs16-fp32"
+    stored = golden.load(get_case(case))
+    assert harness.run_backend(MEMBERS[name], case, tensors=stored).status == "pass"
+    without = {k: v for k, v in stored.items() if not k.startswith("budget.out_step")}
+    assert len(without) == len(stored) - 2
+    v = harness.run_backend(MEMBERS[name], case, tensors=without)
+    assert v.status == "fail" and v.worst_ratio > 1.5, (v.status, v.worst_ratio)
