@@ -231,10 +231,12 @@ def test_bad_numbers_are_argument_errors(capsys, args, says):
     assert exit_.value.code == 2 and says in err and "Traceback" not in err, err
 
 
-def test_time_budget_stops_cleanly_and_says_what_ran(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_time_budget_stops_cleanly_and_says_what_ran(tmp_path, workers):
+    """In this process, and under xdist (each worker reads the run's absolute deadline)."""
     out = tmp_path / "v.json"
     r = attncheck("verify", "--device", "cpu", "--tier", "sweep", "--count", "400", "--backend", "TORCH_SDPA",
-                  "--max-seconds", "1", "-n", "0", "--json", str(out))
+                  "--max-seconds", "1", "-n", workers, "--json", str(out))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     rep = json.loads(out.read_text())["sweep"]
     assert rep["time_budget_reached"] and 1 <= rep["configurations_run"] < 300
