@@ -20,7 +20,8 @@ golden/README.md ("Budgets") gives the error analysis behind each term.
                                arithmetic of any correct kernel (its not correctly rounded exp
                                and tanh, its op order on the scores, its summation order) can
                                do to the output, which the pt variants carry as one realisation
-                               at most (MHA; 0 where a golden has none)
+                               at most (MHA, and merge with
+                               reference.emulated.merge_step; 0 where a golden has none)
     budget.out_step_mean []    the mean of u32 * output_step over every element
 """
 

@@ -66,7 +66,8 @@ def build_golden(case) -> dict:
     parts = (t["prefix_output"], t["prefix_lse"], t["suffix_output"], t["suffix_lse"])
     out, lse = em.merge_states(*parts)
     pt = em.merge_states(*parts, dtype=case.torch_dtype)
-    t.update(budgets.assemble((out, lse), [(*pt, out, lse)], [], torch.zeros_like(lse), case.torch_dtype))
+    t.update(budgets.assemble((out, lse), [(*pt, out, lse)], [], torch.zeros_like(lse), case.torch_dtype,
+                              output_step=em.merge_step(*parts)))
     t.update({"expected.output": budgets.to_float32(out), "expected.lse": budgets.to_float32(lse)})
     return t
 

@@ -421,6 +421,34 @@ def merge_states(prefix_out, prefix_lse, suffix_out, suffix_lse, dtype: torch.dt
     return out, lse
 
 
+def merge_step(prefix_out, prefix_lse, suffix_out, suffix_lse, engine=EXACT):
+    """[T, H, D] float64 in units of the float32 unit roundoff: ``output_step``'s bound for the
+    merge of two partials (``merge_states``). Each partial's weight exp(lse_i - m) comes from
+    one exp off by up to EXP_REL u with its argument rounded twice (the subtraction, the log2(e)
+    fold), so eps_i <= u (EXP_REL + 2 |lse_i - m|) and the output moves by at most
+    u sum_i c_i w_i (|o_i| + |o|) (c_i the normalised weights); the two-term sum and the
+    normalisation add lambda sqrt(2) u (sum_i c_i |o_i| + |o|) + 2 u |o|. Rows whose partials
+    are both empty get 0."""
+    p = torch.where(prefix_lse == float("inf"), torch.full_like(prefix_lse, float("-inf")), prefix_lse.to(F64))
+    s = torch.where(suffix_lse == float("inf"), torch.full_like(suffix_lse, float("-inf")), suffix_lse.to(F64))
+    m = torch.maximum(p, s)
+    both_empty = m == float("-inf")
+    m0 = torch.where(both_empty, torch.zeros_like(m), m)
+    wp, ws = engine.exp(p - m0), engine.exp(s - m0)
+    safe = torch.where(both_empty, torch.ones_like(wp), wp + ws)
+    cp, cs = (w / safe for w in (wp, ws))
+
+    def spread(lse):  # EXP_REL + 2 |lse - m|, 0 where the partial is empty (its weight is 0)
+        return torch.where(torch.isfinite(lse), EXP_REL + 2 * (lse - m0).abs(), torch.zeros_like(lse))
+
+    col = lambda x: x.transpose(0, 1)[..., None]  # noqa: E731  [H, T] -> [T, H, 1]
+    op, os_ = prefix_out.to(F64), suffix_out.to(F64)
+    o = op * col(cp) + os_ * col(cs)
+    step = (col(cp * spread(p)) * (op.abs() + o.abs()) + col(cs * spread(s)) * (os_.abs() + o.abs())
+            + ACCUMULATION_LAMBDA * 2 ** 0.5 * (col(cp) * op.abs() + col(cs) * os_.abs() + o.abs()) + 2 * o.abs())
+    return torch.where(col(both_empty), torch.zeros_like(step), step)
+
+
 def mla_absorbed(q_nope, q_pe, kv_c, k_pe, w_uk, w_uv, *, scale, causal=True, q_offset=None,
                  dtype: torch.dtype = F64, prescale: str = "k", normalise: str = "before", engine=EXACT):
     """Absorbed (decode) path for one sequence, float64 in and out (model-dtype values):
