@@ -104,17 +104,18 @@ def test_bad_plugin_is_a_one_line_plugin_error(what, tmp_path, monkeypatch):
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
-def _pytest_script() -> str:
-    """The `pytest` console script: unlike `python -m pytest`, it does not put the current
-    directory on sys.path, so a plugin found there proves attncheck added it."""
-    return str(Path(sys.executable).parent / "pytest")
+def _pytest_script() -> list:
+    """pytest as the console script runs it: ``python -P`` (3.11+) keeps the current directory
+    off sys.path, so a plugin found there proves attncheck added it. (Not the `pytest` script
+    beside sys.executable: a venv that sees pytest through system site-packages has none.)"""
+    return [sys.executable, "-P", "-m", "pytest"]
 
 
 @pytest.mark.parametrize("what", ["raises", "syntax", "name None"])
 def test_bad_plugin_under_pytest_is_a_usage_error_not_internalerror(what, tmp_path):
     source, spec, says = BAD_PLUGINS[what]
     _write_plugin(tmp_path, source, spec)
-    r = subprocess.run([_pytest_script(), "-p", "no:cacheprovider", "--attncheck-backend-plugin", spec,
+    r = subprocess.run([*_pytest_script(), "-p", "no:cacheprovider", "--attncheck-backend-plugin", spec,
                         "--attncheck-tier", "smoke", "--attncheck-device", "cpu"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -135,7 +136,7 @@ def test_any_project_runs_the_suite_through_the_pytest_plugin(tmp_path):
 
         BACKEND = MyKernel()
         """))
-    r = subprocess.run([_pytest_script(), "-p", "no:cacheprovider", "--attncheck-backend", "MY_KERNEL",
+    r = subprocess.run([*_pytest_script(), "-p", "no:cacheprovider", "--attncheck-backend", "MY_KERNEL",
                         "--attncheck-backend-plugin", "my_backends:BACKEND", "--attncheck-tier", "smoke",
                         "--attncheck-device", "cpu", "--attncheck-case", "prefill-h8x2-d64-bs16-bf16",
                         "mixed-h8x2-d64-bs16-bf16-sinks", "--attncheck-json", "out.json"],
@@ -150,7 +151,7 @@ def test_any_project_runs_the_suite_through_the_pytest_plugin(tmp_path):
 
 def test_pytest_option_backend_plugin_runs_the_plugin():
     """--backend-plugin on the pytest command line of this repository reaches the golden suite."""
-    r = subprocess.run([_pytest_script(), "attncheck/pytest_plugin.py", "-q", "-p", "no:cacheprovider",
+    r = subprocess.run([*_pytest_script(), "attncheck/pytest_plugin.py", "-q", "-p", "no:cacheprovider",
                         "-o", "addopts=", "--device", "cpu",
                         "--backend-plugin", "tests.plugins.drop_last_key:BACKEND", "--backend", "DROP_LAST_KEY",
                         "-k", "prefill-h8x2-d64-bs16-bf16"], capture_output=True, text=True, timeout=300, cwd=REPO)
