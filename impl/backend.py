@@ -67,6 +67,9 @@ class Capabilities:
     fp8_kv: frozenset = frozenset()  # subset of {"fp8_e4m3fn", "fp8_e4m3fnuz"}
     returns_lse: bool = False
     num_heads: Optional[frozenset] = None  # MLA kernels that only take some head counts
+    # knobs a backend takes one by one but not together: (reason, predicate(params) -> True when
+    # the case combines them), e.g. ("ALiBi with sinks: the kernel asserts", lambda p: p.get("alibi") and p.get("sinks"))
+    unsupported_combinations: tuple = ()
     notes: tuple = ()
 
     def unsupported(self, params: dict) -> Optional[str]:
@@ -102,6 +105,9 @@ class Capabilities:
         nh = params.get("num_heads")
         if self.num_heads is not None and nh is not None and nh not in self.num_heads:
             return f"{nh} heads not supported (supports {sorted(self.num_heads)})"
+        for reason, combined in self.unsupported_combinations:
+            if combined(params):
+                return reason
         return None
 
 

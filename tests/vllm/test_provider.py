@@ -169,3 +169,28 @@ def test_matrix_and_json_name_each_backends_provider():
     assert rows == {"TRITON_ATTN": "vllm==0.33.0", "ROCM_ATTN": "attncheck-stand-in"}
     settings = SimpleNamespace(device="cpu", tier="smoke", provider=None)
     assert report.json_report(verdicts, settings, {})["providers"] == rows
+
+
+def test_a_combination_of_supported_knobs_can_be_unsupported():
+    """Capabilities.unsupported_combinations: each knob alone is accepted, the pair is refused
+    with the declared reason (the sweep then filters the case by capability, no error)."""
+    from impl.backend import Capabilities
+    caps = Capabilities(alibi=True, sinks=True, unsupported_combinations=(
+        ("ALiBi with sinks: asserts", lambda p: bool(p.get("alibi") and p.get("sinks"))),))
+    assert caps.unsupported({"alibi": True}) is None and caps.unsupported({"sinks": True}) is None
+    assert caps.unsupported({"alibi": True, "sinks": True}) == "ALiBi with sinks: asserts"
+
+
+@needs_vllm
+def test_vllm_rocm_attn_refuses_what_its_prefill_asserts_on():
+    """vLLM 0.33.0's context_attention_fwd asserts on ALiBi with sinks and on non-causal ALiBi;
+    the sweep drew such cases and ROCM_ATTN reported an error instead of filtering them."""
+    from attncheck import sweep
+    vllm_caps = RocmAttnBackend(provider="vllm").capabilities
+    stand_in = RocmAttnBackend(provider="stand-in").capabilities
+    case = sweep.case_from_name("sweep:3:53", sweep.sizes_for("cpu"))
+    assert case.alibi and case.sinks
+    assert "Sinks arg is not supported with alibi" in vllm_caps.unsupported(case.params())
+    assert stand_in.unsupported(case.params()) is None
+    assert "Non-causal" in vllm_caps.unsupported({"alibi": True, "causal": False})
+    assert vllm_caps.unsupported({"alibi": True, "causal": True}) is None
