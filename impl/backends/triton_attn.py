@@ -53,6 +53,20 @@ def tf32_issue(backend: str) -> KnownIssue:
                       dtypes={"fp32"})
 
 
+# found by the sweep (seed 3) on the CPU, vLLM's kernel in the Triton interpreter
+ALIBI_WITH_SINKS = KnownIssue(
+    backend="TRITON_ATTN",
+    reason="vLLM 0.33.0's unified_attention adds the linear ALiBi bias as slope * (key_pos - context_len) "
+           "(triton_attention_helpers.apply_alibi_to_score; its sqrt variant is query-relative): that is "
+           "-slope * |q_pos - k_pos| plus slope * (q_pos - context_len), a per-row constant that cancels in "
+           "the softmax but not against a sink logit, so with sinks every new-token row after the first is "
+           "wrong (decode rows are right). sweep:3:53 (bf16, 40/2 heads, d256, ALiBi, sinks): ratio 845; the "
+           "same case without sinks passes at 0.32, without ALiBi at 0.55; the stand-in passes at 0.40. "
+           "No released model combines ALiBi and sinks",
+    link="attncheck issue 11 (vllm/v1/attention/ops/triton_attention_helpers.py)",
+    predicate=lambda params: params.alibi and params.sinks)
+
+
 class TritonAttnBackend:
     """vLLM's TRITON_ATTN: cache write + one unified-attention launch (2-D or split-KV)."""
 
@@ -69,7 +83,7 @@ class TritonAttnBackend:
 
     @property
     def known_issues(self) -> tuple:
-        return (tf32_issue(self.name),) if self._choice.uses_vllm else ()
+        return (tf32_issue(self.name), ALIBI_WITH_SINKS) if self._choice.uses_vllm else ()
 
     @property
     def capabilities(self) -> Capabilities:

@@ -9,6 +9,8 @@ decodes long enough for several KV splits. Planted bugs in vLLM's code path (thr
 adapters) must fail.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -73,6 +75,19 @@ TRITON_CASES = [
     (MHACase("v-ta-fp8-3d", (70, 33), (1, 1), kv_cache_dtype=FP8, k_scale=0.5, v_scale=2.0, seed=708), "3-D"),
     (MHACase("v-ta-d80-bs32-2d", (45, 20), (5, 20), head_size=80, block_size=32, seed=709), "2-D"),
 ]
+
+
+def test_triton_attn_vllm_alibi_with_sinks_is_a_declared_bug(run):
+    """vLLM's linear ALiBi bias is query-independent (slope * (key_pos - context_len)): harmless
+    in a softmax, wrong against a sink logit on every new-token row after the first. Decode rows
+    (the first new token) are right: v-ta-decode-3d-alibi-sinks-fp16 passes."""
+    case = MHACase("v-ta-alibi-sinks-extend-fp16", (40, 30), (1, 12), dtype="fp16", alibi=True, sinks=True, seed=710)
+    v = run(TritonAttnBackend(provider="vllm"), case)
+    assert v.status == "xfail" and "apply_alibi_to_score" in v.reason, v.report
+    assert v.worst_ratio > 10
+    assert {r["sequence"] for r in v.failing_rows} == {1}  # the 12-token row only; the decode row is right
+    assert run(TritonAttnBackend(provider="stand-in"), case).status == "pass"
+    assert run(TritonAttnBackend(provider="vllm"), dataclasses.replace(case, sinks=False)).status == "pass"
 
 
 @pytest.mark.parametrize("case,launch", TRITON_CASES, ids=[c.name for c, _ in TRITON_CASES])
