@@ -208,3 +208,17 @@ class WrongKnob:
         changes = self.mutate(batch)
         return self.base.run(dataclasses.replace(batch, **(changes if isinstance(changes, dict) else
                                                            {self.field: changes})))
+
+
+def unguarded_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse=None, *_, **__):
+    """``merge_attn_states`` without the guard for two -inf LSEs (research notes, bug 12: vLLM's
+    Triton merge on ROCm once lacked it): -inf - -inf gives NaN weights. Drop-in for the
+    project's and vLLM's merge (their extra arguments are ignored)."""
+    m = torch.maximum(prefix_lse, suffix_lse)
+    wp, ws = torch.exp(prefix_lse - m), torch.exp(suffix_lse - m)  # -inf - -inf = NaN
+    s = (wp + ws).transpose(0, 1)[..., None]
+    out = prefix_output.float() * (wp.transpose(0, 1)[..., None] / s) + \
+        suffix_output.float() * (ws.transpose(0, 1)[..., None] / s)
+    output.copy_(out.to(output.dtype))
+    if output_lse is not None:
+        output_lse.copy_(m + torch.log(wp + ws))

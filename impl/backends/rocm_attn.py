@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import replace
 from typing import Optional
 
 from impl import platform
-from impl.backend import Availability, BackendOutput, BlockSizes, Capabilities, KnownIssue
-from impl.backends.triton_attn import tf32_issue
+from impl.backend import Availability, BackendOutput, Capabilities, KnownIssue
+from impl.backends.triton_attn import TRITON_MHA_CAPABILITIES, tf32_issue
 from impl.triton import cache_ops, compat, paged_decode, prefix_prefill
 from impl.vllm import ProviderChoice
 
@@ -101,24 +102,16 @@ class RocmAttnBackend:
         if self._choice.uses_vllm:
             from impl.vllm import kernels
 
-            return Capabilities(
-                dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                head_sizes=HEAD_SIZES,
-                block_sizes=BlockSizes(multiple_of=16, minimum=16),
-                causal=True, non_causal=True, sliding_window=True, softcap=True, alibi=True,
-                sinks=True, fp8_kv=kernels.fp8_kv_flavours(), returns_lse=False,
+            return replace(
+                TRITON_MHA_CAPABILITIES, head_sizes=HEAD_SIZES, fp8_kv=kernels.fp8_kv_flavours(), returns_lse=False,
                 unsupported_combinations=VLLM_UNSUPPORTED_COMBINATIONS,
                 notes=("vLLM's chunked_prefill_paged_decode over its 5-D K / 4-D V layout; decode: "
                        "vLLM's Triton kernel (the compiled HIP kernel is not run)",
                        "softcap: accepted by vLLM's backend and silently ignored (known issue)",
                        "ALiBi with a sliding window: the prefill ignores the window (known issue)",
                        "no LSE: vLLM's kernels do not produce one"))
-        return Capabilities(
-            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-            head_sizes=HEAD_SIZES,
-            block_sizes=BlockSizes(multiple_of=16, minimum=16),
-            causal=True, non_causal=True, sliding_window=True, softcap=True, alibi=True,
-            sinks=True, fp8_kv=platform.triton_fp8_flavours(), returns_lse=True,
+        return replace(
+            TRITON_MHA_CAPABILITIES, head_sizes=HEAD_SIZES, fp8_kv=platform.triton_fp8_flavours(), returns_lse=True,
             notes=("decode: Triton split-K paged attention standing in for the HIP kernel",
                    "new tokens are read back from the cache after the write (fp8: quantised)",
                    "sinks: late-2025 ROCM_ATTN (Triton fallback); vLLM HEAD reports no sinks",

@@ -23,6 +23,7 @@ at call time so tests can plant bugs.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -67,6 +68,15 @@ ALIBI_WITH_SINKS = KnownIssue(
     predicate=lambda params: params.alibi and params.sinks)
 
 
+# What both providers of TRITON_ATTN and ROCM_ATTN take; each backend and provider replaces the
+# head sizes, fp8 flavours, LSE and notes.
+TRITON_MHA_CAPABILITIES = Capabilities(
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    # vLLM: multiples of 16; the kernels address keys by position, so 544 works too.
+    block_sizes=BlockSizes(multiple_of=16, minimum=16),
+    causal=True, non_causal=True, sliding_window=True, softcap=True, alibi=True, sinks=True)
+
+
 class TritonAttnBackend:
     """vLLM's TRITON_ATTN: cache write + one unified-attention launch (2-D or split-KV)."""
 
@@ -90,23 +100,14 @@ class TritonAttnBackend:
         if self._choice.uses_vllm:
             from impl.vllm import kernels
 
-            return Capabilities(
-                dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                head_sizes=VLLM_HEAD_SIZES,
-                block_sizes=BlockSizes(multiple_of=16, minimum=16),
-                causal=True, non_causal=True, sliding_window=True, softcap=True, alibi=True,
-                sinks=True, fp8_kv=kernels.fp8_kv_flavours(), returns_lse=False,
+            return replace(
+                TRITON_MHA_CAPABILITIES, head_sizes=VLLM_HEAD_SIZES, fp8_kv=kernels.fp8_kv_flavours(), returns_lse=False,
                 notes=("vLLM's triton_reshape_and_cache_flash + unified_attention (2-D, or 3-D "
                        "split-KV as vLLM's builder and kernel decide)",
                        "no LSE: vLLM's kernel does not produce one",
                        "fp8: only the platform's flavour (vLLM views fp8 caches as it)"))
-        return Capabilities(
-            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-            head_sizes=HEAD_SIZES,
-            # vLLM: multiples of 16; the kernel addresses keys by position, so 544 works too.
-            block_sizes=BlockSizes(multiple_of=16, minimum=16),
-            causal=True, non_causal=True, sliding_window=True, softcap=True, alibi=True,
-            sinks=True, fp8_kv=platform.triton_fp8_flavours(), returns_lse=True,
+        return replace(
+            TRITON_MHA_CAPABILITIES, head_sizes=HEAD_SIZES, fp8_kv=platform.triton_fp8_flavours(), returns_lse=True,
             notes=("one unified-attention launch; split-KV (3-D) + segment reduce for long all-decode batches",
                    "returns the LSE its kernel computes (vLLM's TRITON_ATTN does not expose one)",
                    "fp8 e4m3fnuz only under the Triton interpreter (CUDA Triton has no fnuz)"))

@@ -39,6 +39,7 @@ default: vLLM where it loads):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -251,6 +252,13 @@ def aiter_varlen_available() -> bool:
     return True
 
 
+# what both providers take; each replaces the fp8 flavours and the notes
+MLA_CAPABILITIES = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16}),
+                                block_sizes=BlockSizes(multiple_of=16, minimum=16),
+                                causal=True, non_causal=False, returns_lse=False)
+BLOCK_SIZE_NOTE = "vLLM requires block_size >= 16 for TRITON_MLA (ROCM_AITER_MLA takes block size 1)"
+
+
 class TritonMLABackend(MLAPipeline):
     name = "TRITON_MLA"
     decode_threshold = 1
@@ -283,21 +291,17 @@ class TritonMLABackend(MLAPipeline):
         if self._choice.uses_vllm:
             from impl.vllm import kernels
 
-            return Capabilities(
-                dtypes=frozenset({torch.float16, torch.bfloat16}),
-                block_sizes=BlockSizes(multiple_of=16, minimum=16),
-                causal=True, non_causal=False, fp8_kv=kernels.fp8_kv_flavours(), returns_lse=False,
-                notes=("vLLM requires block_size >= 16 for TRITON_MLA (ROCM_AITER_MLA takes block size 1)",
+            return replace(
+                MLA_CAPABILITIES, fp8_kv=kernels.fp8_kv_flavours(),
+                notes=(BLOCK_SIZE_NOTE,
                        "decode: vLLM's decode_attention_fwd(is_mla=True); merges: vLLM's Triton "
                        "merge_attn_states",
                        "latent cache write and context gather: the project's Triton kernels (vLLM's "
                        "concat_and_cache_mla and gather_and_maybe_dequant_cache are compiled only)",
                        f"prefill attention (V zero-padded 128 -> 192): {self.prefill_kernel()}"))
-        return Capabilities(
-            dtypes=frozenset({torch.float16, torch.bfloat16}),
-            block_sizes=BlockSizes(multiple_of=16, minimum=16),
-            causal=True, non_causal=False, fp8_kv=platform.triton_fp8_flavours(), returns_lse=False,
-            notes=("vLLM requires block_size >= 16 for TRITON_MLA (ROCM_AITER_MLA takes block size 1)",
+        return replace(
+            MLA_CAPABILITIES, fp8_kv=platform.triton_fp8_flavours(),
+            notes=(BLOCK_SIZE_NOTE,
                    "decode: own Triton absorbed-MLA kernel (split-KV + reduce); prefill: own Triton "
                    "varlen attention with V zero-padded 128 -> 192 and sliced back, context chunks merged"))
 

@@ -14,6 +14,7 @@ import torch
 from attncheck import golden, harness
 from attncheck.cases import MLA_MINI_DIMS, MLACase
 from impl.backends import rocm_aiter_mla, triton_mla
+from tests.planted import unguarded_merge
 
 # AITER's Triton MLA decode evaluates exp(-inf - -inf) for the padding heads of its 16-head tile
 # (8 heads here); those rows are masked on store, numpy just warns about the NaN it computed.
@@ -161,17 +162,7 @@ def test_merge_without_both_neg_inf_guard_fails(monkeypatch, run):
     # merge_attn_states' Triton kernel on ROCm had no guard for two -inf LSEs (research notes, bug 12)
     from impl.triton import merge_attn_states as merge_mod
 
-    def unguarded(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse=None):
-        m = torch.maximum(prefix_lse, suffix_lse)
-        wp, ws = torch.exp(prefix_lse - m), torch.exp(suffix_lse - m)  # -inf - -inf = NaN
-        s = (wp + ws).transpose(0, 1)[..., None]
-        out = prefix_output.float() * (wp.transpose(0, 1)[..., None] / s) + \
-            suffix_output.float() * (ws.transpose(0, 1)[..., None] / s)
-        output.copy_(out.to(output.dtype))
-        if output_lse is not None:
-            output_lse.copy_(m + torch.log(wp + ws))
-
-    monkeypatch.setattr(merge_mod, "merge_attn_states", unguarded)
+    monkeypatch.setattr(merge_mod, "merge_attn_states", unguarded_merge)
     # the project's own merge kernel runs under the stand-in provider (tests/vllm plants vLLM's)
     v = run(triton_mla.TritonMLABackend(provider="stand-in"), FP8_CHUNKS)
     assert v.status == "fail", v.report

@@ -21,6 +21,7 @@ from impl.backends.rocm_attn import RocmAttnBackend
 from impl.backends.triton_attn import TritonAttnBackend
 from impl.backends.triton_mla import TritonMLABackend
 from impl.vllm import kernels, loader
+from tests.planted import unguarded_merge
 
 try:
     STATE, NO_VLLM = loader.load(), None
@@ -249,17 +250,7 @@ def test_planted_merge_without_both_neg_inf_guard_is_caught(monkeypatch, run):
     zero-context prefill's rows meet -inf on both sides in the chunked context merge."""
     mod = loader.kernel_module("triton_merge_attn_states")
 
-    def unguarded(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse=None, *a, **k):
-        m = torch.maximum(prefix_lse, suffix_lse)
-        wp, ws = torch.exp(prefix_lse - m), torch.exp(suffix_lse - m)  # -inf - -inf = NaN
-        s = (wp + ws).transpose(0, 1)[..., None]
-        out = prefix_output.float() * (wp.transpose(0, 1)[..., None] / s) + \
-            suffix_output.float() * (ws.transpose(0, 1)[..., None] / s)
-        output.copy_(out.to(output.dtype))
-        if output_lse is not None:
-            output_lse.copy_(m + torch.log(wp + ws))
-
     case = MLA_CASES[1]
-    monkeypatch.setattr(mod, "merge_attn_states", unguarded)
+    monkeypatch.setattr(mod, "merge_attn_states", unguarded_merge)
     v = run(TritonMLABackend(provider="vllm"), case)
     assert v.status == "fail" and "NaN" in v.report, v.report
