@@ -30,7 +30,9 @@ def seed_from_name(name: str) -> int:
 
 
 class Draws:
-    """A deterministic stream of draws for one case."""
+    """A deterministic stream of draws for one case (the stored tiers' inputs), on the CPU."""
+
+    device = torch.device("cpu")
 
     def __init__(self, seed: int):
         self._rng = random.Random(int(seed))
@@ -84,7 +86,82 @@ class Draws:
         for r in range(row.shape[0]):
             cols = (self.uniform((saturating,)) * row.shape[1]).to(torch.int64)
             over = fp.round_to(fmt8.max_finite * scale * (1.0625 + 0.375 * self.uniform((saturating,))), m)
-            row[r, cols] = over * torch.tensor([(-1.0) ** i for i in range(saturating)], dtype=torch.float64)
+            row[r, cols] = over * torch.tensor([(-1.0) ** i for i in range(saturating)], dtype=torch.float64,
+                                               device=x.device)
         if not bool((fp.round_to(x, m) == x).all()):
             raise AssertionError(f"a planted fp8 value is not a {model_dtype} value; pick another scale")
         return x
+
+
+# ---- live cases: the same draws computed on any device -----------------------------------------
+
+_M32 = 0xFFFFFFFF
+_CHUNK = 1 << 24  # counters hashed per step: bounds the int64 temporaries (128 MB each)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32): c split in 16-bit halves, so no product
+    exceeds 2**48 and nothing depends on how a device wraps an int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (C. Wellons' "lowbias32"; full avalanche), int64 in and out."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class CounterDraws(Draws):
+    """Draws for live cases (the large and sweep tiers), computed where they are used.
+
+    Mersenne Twister is sequential and runs in Python: a large case's 270 million normals took
+    over 90 s on the CPU, more than everything else a check does. Here draw number i of the
+    case is a hash of (i, the seed's keys) made of exact int64 operations (xor, shifts, and
+    products below 2**48), so the bits are the same on every device and CPU, and the
+    float64 transforms above them (reference.fp) are exact IEEE operations too: a live case is
+    the same tensors on a GPU and on any CPU (tests/test_draws.py checks both against a pure-Python
+    hash; the GPU run compares devices). The stored tiers keep ``Draws`` (their files hold
+    the inputs, and ``golden regen --check`` redraws them).
+    """
+
+    def __init__(self, seed: int, device="cpu"):
+        digest = hashlib.sha256(f"attncheck-counter-draws:{int(seed)}".encode()).digest()
+        self._keys = [int.from_bytes(digest[4 * i:4 * i + 4], "big") for i in range(4)]
+        self._next = 0  # counters used so far
+        self.device = torch.device(device)
+
+    def _bits53(self, n: int) -> torch.Tensor:
+        k1, k2, k3, k4 = self._keys
+        parts = []
+        for start in range(self._next, self._next + n, _CHUNK):
+            i = torch.arange(start, min(start + _CHUNK, self._next + n), dtype=torch.int64, device=self.device)
+            lo, hi = i & _M32, i >> 32
+            a = _mix32(_mix32(lo ^ k1) ^ hi ^ k2)
+            b = _mix32(_mix32(lo ^ k3) ^ hi ^ k4)
+            parts.append(((a >> 6) << 27) | (b >> 5))  # 26 + 27 bits
+        self._next += n
+        if not parts:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def counter_bits53_python(seed: int, index: int) -> int:
+    """Draw ``index`` of ``CounterDraws(seed)`` in plain Python integers (what tests compare the
+    tensor code on each device against)."""
+    digest = hashlib.sha256(f"attncheck-counter-draws:{int(seed)}".encode()).digest()
+    k1, k2, k3, k4 = (int.from_bytes(digest[4 * i:4 * i + 4], "big") for i in range(4))
+
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & _M32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & _M32
+        return x ^ (x >> 16)
+
+    lo, hi = index & _M32, index >> 32
+    a, b = mix(mix(lo ^ k1) ^ hi ^ k2), mix(mix(lo ^ k3) ^ hi ^ k4)
+    return ((a >> 6) << 27) | (b >> 5)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Optional
 
 import torch
 
 from attncheck import budgets
-from attncheck.draws import Draws
+from attncheck.draws import CounterDraws, Draws
 from attncheck.rule import locate_token
 from impl.batch import FP8_DTYPES, AttentionBatch
 from reference import emulated as em
@@ -48,15 +49,18 @@ def _cache_dtype(case) -> torch.dtype:
     return FP8_DTYPES[case.kv_cache_dtype] if case.kv_cache_dtype != "auto" else case.torch_dtype
 
 
-def build_inputs(case) -> dict:
-    draws = Draws(case.seed)
+def build_inputs(case, draws: Optional[Draws] = None) -> dict:
+    """The case's inputs, drawn by ``draws`` (default: the stored tiers' ``Draws(case.seed)`` on
+    the CPU); K/V and the caches live on ``draws.device``, the index tensors on the CPU."""
+    draws = draws or Draws(case.seed)
+    dev = draws.device
     dt, m = case.torch_dtype, fp.format_of(case.torch_dtype)
     fp8 = case.kv_cache_dtype != "auto"
     B, bs = len(case.seq_lens), case.block_size
     Hq, Hkv, D = case.num_heads, case.num_kv_heads, case.head_size
     blocks_per_seq = [-(-s // bs) for s in case.seq_lens]
     num_blocks = sum(blocks_per_seq) + SPARE_BLOCKS
-    perm = draws.permutation(num_blocks).to(torch.int32)
+    perm = draws.permutation(num_blocks).to(device="cpu", dtype=torch.int32)
     poison_block = int(perm[-1])
     max_blocks = max(blocks_per_seq) + 1  # always one padding column
     block_table = torch.full((B, max_blocks), poison_block, dtype=torch.int32)
@@ -68,8 +72,8 @@ def build_inputs(case) -> dict:
     cdt = _cache_dtype(case)
     # NaN poison made by torch.full's scalar conversion: a vectorised float32 -> bf16 cast of NaN
     # gives different bits per ISA level
-    key_cache = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=cdt)
-    value_cache = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=cdt)
+    key_cache = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=cdt, device=dev)
+    value_cache = torch.full((num_blocks, bs, Hkv, D), float("nan"), dtype=cdt, device=dev)
 
     qlens, slens = list(case.query_lens), list(case.seq_lens)
     T = sum(qlens)
@@ -79,8 +83,6 @@ def build_inputs(case) -> dict:
     if fp8:
         key = draws.fp8_specials(key, cdt, dt, case.k_scale, last_token=T - 1, saturating=2)
         value = draws.fp8_specials(value, cdt, dt, case.v_scale, last_token=T - 1, saturating=2)
-    slot_mapping = torch.empty(T, dtype=torch.int64)
-    t0 = 0
     for b in range(B):
         ctx = slens[b] - qlens[b]
         if ctx:
@@ -89,24 +91,32 @@ def build_inputs(case) -> dict:
                 x = draws.normal((ctx, Hkv, D))
                 stored.append(ref_paged.quantize_fp8(x, scale, cdt) if fp8 else budgets.model_values(x, cdt))
             pos = torch.arange(ctx)
-            blk = block_table[b, pos // bs].long()
-            key_cache[blk, pos % bs] = stored[0]
-            value_cache[blk, pos % bs] = stored[1]
-        for i in range(qlens[b]):
-            p = ctx + i
-            slot_mapping[t0 + i] = int(block_table[b, p // bs]) * bs + p % bs
-        t0 += qlens[b]
+            blk = block_table[b, pos // bs].long().to(dev)
+            off = (pos % bs).to(dev)
+            key_cache[blk, off] = stored[0]
+            value_cache[blk, off] = stored[1]
     tensors = {
         "query": query.to(dt), "key": key.to(dt), "value": value.to(dt),  # exact: model values
         "key_cache": key_cache, "value_cache": value_cache,
         "block_table": block_table, "query_start_loc": torch.tensor([0] + _cumsum(qlens), dtype=torch.int32),
-        "seq_lens": torch.tensor(slens, dtype=torch.int32), "slot_mapping": slot_mapping,
+        "seq_lens": torch.tensor(slens, dtype=torch.int32),
+        "slot_mapping": new_token_slots(block_table, qlens, slens, bs),
     }
     if case.alibi:
-        tensors["alibi_slopes"] = alibi_slopes(Hq)
+        tensors["alibi_slopes"] = alibi_slopes(Hq).to(dev)
     if case.sinks:
         tensors["sinks"] = budgets.to_float32(draws.normal((Hq,), std=2.0))
     return tensors
+
+
+def new_token_slots(block_table: torch.Tensor, query_lens, seq_lens, block_size: int) -> torch.Tensor:
+    """int64 [T]: the cache slot of each new token (sequence b's new tokens are its last
+    query_lens[b] positions), through the block table."""
+    parts = []
+    for b, (q, s) in enumerate(zip(query_lens, seq_lens)):
+        pos = torch.arange(s - q, s)
+        parts.append(block_table[b, pos // block_size].long() * block_size + pos % block_size)
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
 def _cumsum(xs) -> list:
@@ -177,11 +187,12 @@ def build_golden(case) -> dict:
 
 
 def build_live(case, device) -> dict:
-    """Large tier: inputs from the case seed (on the CPU, deterministic), oracle and budgets on
-    ``device`` with the FAST engine (torch's float64 kernels; never stored)."""
-    tensors = build_inputs(case)
+    """Live tiers (large, sweep): inputs from the case seed drawn on ``device`` (CounterDraws: the
+    same bits on any device), oracle and budgets on ``device`` with the FAST engine (torch's
+    float64 kernels; never stored)."""
+    tensors = build_inputs(case, CounterDraws(case.seed, device))
     tensors.update(expected_and_budgets(case, tensors, compute_device=device, engine=em.FAST))
-    return tensors
+    return {k: v.cpu() for k, v in tensors.items()}  # like a stored golden: the harness moves what it needs
 
 
 def batch_from_tensors(case, tensors: dict, device) -> AttentionBatch:

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Optional
 
 import torch
 
 from attncheck import budgets
-from attncheck.draws import Draws
+from attncheck.draws import CounterDraws, Draws
+from attncheck.mha_case import new_token_slots
 from attncheck.rule import locate_token
 from impl.batch import FP8_DTYPES, MLABatch
 from reference import emulated as em
@@ -61,8 +63,11 @@ def _cumsum(xs):
     return out
 
 
-def build_inputs(case) -> dict:
-    draws = Draws(case.seed)
+def build_inputs(case, draws: Optional[Draws] = None) -> dict:
+    """The case's inputs, drawn by ``draws`` (default: the stored tiers' ``Draws(case.seed)`` on
+    the CPU); values and the cache live on ``draws.device``, the index tensors on the CPU."""
+    draws = draws or Draws(case.seed)
+    dev = draws.device
     dt, m = case.torch_dtype, fp.format_of(case.torch_dtype)
     cdt = _cache_dtype(case)
     fp8 = case.kv_cache_dtype != "auto"
@@ -70,14 +75,15 @@ def build_inputs(case) -> dict:
     N, L, R, P, V = case.num_heads, case.kv_lora_rank, case.rope_dim, case.nope_dim, case.v_dim
     blocks_per_seq = [-(-s // bs) for s in case.seq_lens]
     num_blocks = sum(blocks_per_seq) + SPARE_BLOCKS
-    perm = draws.permutation(num_blocks).to(torch.int32)
+    perm = draws.permutation(num_blocks).to(device="cpu", dtype=torch.int32)
     poison_block = int(perm[-1])
     block_table = torch.full((B, max(blocks_per_seq) + 1), poison_block, dtype=torch.int32)
     cursor = 0
     for b, n in enumerate(blocks_per_seq):
         block_table[b, :n] = perm[cursor:cursor + n]
         cursor += n
-    kv_cache = torch.full((num_blocks, bs, L + R), float("nan"), dtype=cdt)  # scalar NaN: same bits on every ISA
+    # scalar NaN: same bits on every ISA
+    kv_cache = torch.full((num_blocks, bs, L + R), float("nan"), dtype=cdt, device=dev)
 
     qlens, slens = list(case.query_lens), list(case.seq_lens)
     T = sum(qlens)
@@ -88,26 +94,21 @@ def build_inputs(case) -> dict:
         new_lat = draws.fp8_specials(new_lat, cdt, dt, case.kv_scale, last_token=T - 1, saturating=2)
     w_uk = fp.round_to(draws.normal((L, N, P), std=1.0 / math.sqrt(L)), m)
     w_uv = fp.round_to(draws.normal((L, N, V), std=1.0 / math.sqrt(L)), m)
-    slot_mapping = torch.empty(T, dtype=torch.int64)
-    t0 = 0
     for b in range(B):
         ctx = slens[b] - qlens[b]
         if ctx:
             x = draws.normal((ctx, L + R))
             pos = torch.arange(ctx)
-            kv_cache[block_table[b, pos // bs].long(), pos % bs] = (
+            kv_cache[block_table[b, pos // bs].long().to(dev), (pos % bs).to(dev)] = (
                 ref_paged.quantize_fp8(x, case.kv_scale, cdt) if fp8 else budgets.model_values(x, cdt))
-        for i in range(qlens[b]):
-            p = ctx + i
-            slot_mapping[t0 + i] = int(block_table[b, p // bs]) * bs + p % bs
-        t0 += qlens[b]
     return {
         "q_nope": q_nope.to(dt), "q_pe": q_pe.to(dt),  # exact: model-dtype values
         "kv_c": new_lat[:, :L].contiguous().to(dt), "k_pe": new_lat[:, L:].contiguous().to(dt),
         "kv_cache": kv_cache, "w_uk": w_uk.to(dt), "w_uv": w_uv.to(dt),
         "block_table": block_table,
         "query_start_loc": torch.tensor([0] + _cumsum(qlens), dtype=torch.int32),
-        "seq_lens": torch.tensor(slens, dtype=torch.int32), "slot_mapping": slot_mapping,
+        "seq_lens": torch.tensor(slens, dtype=torch.int32),
+        "slot_mapping": new_token_slots(block_table, qlens, slens, bs),
     }
 
 
@@ -158,11 +159,11 @@ def build_golden(case) -> dict:
 
 
 def build_live(case, device) -> dict:
-    """Large tier: inputs from the case seed on the CPU (deterministic), oracle and budgets on
-    ``device`` with the FAST engine (never stored)."""
-    tensors = build_inputs(case)
+    """Live tiers (large, sweep): inputs from the case seed drawn on ``device`` (CounterDraws: the
+    same bits on any device), oracle and budgets on ``device`` with the FAST engine (never stored)."""
+    tensors = build_inputs(case, CounterDraws(case.seed, device))
     tensors.update(expected_and_budgets(case, tensors, compute_device=device, engine=em.FAST))
-    return tensors
+    return {k: v.cpu() for k, v in tensors.items()}  # like a stored golden: the harness moves what it needs
 
 
 def batch_from_tensors(case, tensors: dict, device) -> MLABatch:

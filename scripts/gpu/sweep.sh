@@ -7,6 +7,8 @@
 #   one    a sweep of COUNT configurations (>= 10,000 backend x configuration checks) on GPU 0
 #          only (-n auto: WORKERS_PER_GPU workers share it), stopped cleanly at CAP seconds
 #   all    the same sweep on every visible GPU (-n auto)
+#   draws  live inputs (CounterDraws) built on the GPU equal the same cases built on the CPU
+#   profile  one process (-n 0) under cProfile for CAP seconds: where a check's time goes
 #
 # Each part starts with empty Triton and Inductor caches, so every part pays its own
 # compilations (a cache warmed by an earlier part would flatter a later one). Logs and JSON go
@@ -102,6 +104,38 @@ for part in "${PARTS[@]}"; do
             ${EXTRA[@]+"${EXTRA[@]}"} ${SWEEP_EXTRA[@]+"${SWEEP_EXTRA[@]}"}) ;;
     all) run_part sweep-all --tier sweep --seed "$SEED" --count "$COUNT" --max-seconds "$CAP" -n auto \
            ${EXTRA[@]+"${EXTRA[@]}"} ${SWEEP_EXTRA[@]+"${SWEEP_EXTRA[@]}"} ;;
-    *) echo "unknown part $part (smoke | one | all)"; exit 2 ;;
+    draws) python3 - <<'PY' 2>&1 | tee "$OUT/draws.txt"
+# every tensor of a few live cases (MHA, fp8, MLA; large sweep sizes, the smaller ones so the CPU
+# side stays quick) compared bit for bit between a CUDA build and a CPU build
+import torch
+from attncheck import mha_case, mla_case, sweep
+from attncheck.draws import CounterDraws
+sizes, picked, kinds = sweep.sizes_for("cuda"), [], set()
+for i in range(400):
+    c = sweep.config(0, i, sizes)
+    n = sum(c.seq_lens) * (c.num_kv_heads * c.head_size if c.kind == "MHA" else c.kv_lora_rank)
+    tag = (c.kind, c.kv_cache_dtype != "auto")
+    if n < 3_000_000 and tag not in kinds:
+        kinds.add(tag); picked.append(c)
+bad = 0
+for c in picked:
+    mod = mha_case if c.kind == "MHA" else mla_case
+    a = mod.build_inputs(c, CounterDraws(c.seed, "cuda"))
+    b = mod.build_inputs(c, CounterDraws(c.seed, "cpu"))
+    same = {k: a[k].shape == b[k].shape and torch.equal(a[k].cpu().view(torch.uint8), b[k].view(torch.uint8))
+            for k in a}
+    bad += not all(same.values())
+    print(c.name, c.kind, c.kv_cache_dtype, "tensors", len(same), "identical" if all(same.values()) else
+          f"DIFFER: {[k for k, ok in same.items() if not ok]}")
+print("draws: cases", len(picked), "differing", bad)
+PY
+       ;;
+    profile) (fresh_caches; python3 -m cProfile -o "$OUT/profile.pstats" -m attncheck.cli verify --device "$DEVICE" \
+               --tier sweep --seed "$SEED" --count "$COUNT" --max-seconds "$CAP" -n 0 --profile \
+               ${EXTRA[@]+"${EXTRA[@]}"} > "$OUT/profile.log" 2>&1
+             python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('cumulative').print_stats(45); s.sort_stats('tottime').print_stats(30)" \
+               "$OUT/profile.pstats" > "$OUT/profile.txt" 2>&1; rm -f "$OUT/profile.pstats"
+             sed -n '/attncheck: \(sweep\|where the time went\) =/,$p' "$OUT/profile.log" | head -30) ;;
+    *) echo "unknown part $part (smoke | one | all | draws | profile)"; exit 2 ;;
   esac
 done
