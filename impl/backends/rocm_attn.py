@@ -74,6 +74,14 @@ VLLM_UNSUPPORTED_COMBINATIONS = (
     ("ALiBi without the causal mask: vLLM's context_attention_fwd asserts 'Non-causal prefix attention is not "
      "supported with alibi'", lambda p: bool(p.get("alibi") and not p.get("causal", True))),
 )
+# ... and on an NVIDIA GPU (where vLLM would never pick ROCM_ATTN) this one does not fit: found by
+# the sweep on an H200 (sweep:0:13, fp32, head size 256, ALiBi). Not measured on a ROCm GPU.
+VLLM_NVIDIA_UNSUPPORTED_COMBINATIONS = (
+    ("float32 ALiBi with head size > 128 on an NVIDIA GPU: vLLM's prefix-prefill ALiBi kernel tiles 64 queries x "
+     "256 (padded) dims in float32 and Triton refuses it for shared memory (H200: 279552 bytes required, "
+     "232448 available)",
+     lambda p: bool(p.get("alibi") and p.get("torch_dtype") == torch.float32 and (p.get("head_size") or 0) > 128)),
+)
 
 
 class RocmAttnBackend:
@@ -104,7 +112,8 @@ class RocmAttnBackend:
 
             return replace(
                 TRITON_MHA_CAPABILITIES, head_sizes=HEAD_SIZES, fp8_kv=kernels.fp8_kv_flavours(), returns_lse=False,
-                unsupported_combinations=VLLM_UNSUPPORTED_COMBINATIONS,
+                unsupported_combinations=VLLM_UNSUPPORTED_COMBINATIONS
+                + (VLLM_NVIDIA_UNSUPPORTED_COMBINATIONS if kernels.runs_on_nvidia() else ()),
                 notes=("vLLM's chunked_prefill_paged_decode over its 5-D K / 4-D V layout; decode: "
                        "vLLM's Triton kernel (the compiled HIP kernel is not run)",
                        "softcap: accepted by vLLM's backend and silently ignored (known issue)",

@@ -59,6 +59,12 @@ def fp8_kv_flavours() -> frozenset:
     return frozenset({"fp8_e4m3fnuz" if fnuz else "fp8_e4m3fn"})
 
 
+def runs_on_nvidia() -> bool:
+    """Whether vLLM's kernels are compiled for an NVIDIA GPU here (not the interpreter, whose
+    arch answer is sm_90 too but which has no shared-memory limit)."""
+    return loader.load().mode == "cuda"
+
+
 def vllm_kv_cache_dtype(cache: torch.Tensor, name: str = "key_cache") -> str:
     """vLLM's kv_cache_dtype string for a cache tensor: 'auto', or 'fp8' when the cache is the
     platform's fp8 dtype (any other fp8 flavour is refused: vLLM would reinterpret its bits)."""

@@ -91,6 +91,19 @@ def test_triton_attn_vllm_alibi_with_sinks_is_a_declared_bug(run):
     assert run(TritonAttnBackend(provider="vllm"), dataclasses.replace(case, sinks=False)).status == "pass"
 
 
+def test_triton_attn_vllm_non_causal_alibi_is_a_declared_bug(run):
+    """Without the causal mask vLLM keeps its causal linear bias slope * (key_pos - context_len):
+    keys after the query are favoured instead of penalised (-slope * |q - k|). A sequence's last
+    row sees no later key and is right; a one-token sequence is right."""
+    case = MHACase("v-ta-alibi-noncausal-fp16", (1, 12), (1, 12), dtype="fp16", alibi=True, causal=False, seed=711)
+    v = run(TritonAttnBackend(provider="vllm"), case)
+    assert v.status == "xfail" and "without the causal mask" in v.reason, v.report
+    assert v.worst_ratio > 10
+    assert {r["sequence"] for r in v.failing_rows} == {1}
+    assert run(TritonAttnBackend(provider="stand-in"), case).status == "pass"
+    assert run(TritonAttnBackend(provider="vllm"), dataclasses.replace(case, causal=True)).status == "pass"
+
+
 @pytest.mark.parametrize("case,launch", TRITON_CASES, ids=[c.name for c, _ in TRITON_CASES])
 def test_triton_attn_vllm_paths(case, launch, passes):
     v = passes(TritonAttnBackend(provider="vllm"), case)

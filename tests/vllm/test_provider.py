@@ -195,3 +195,23 @@ def test_vllm_rocm_attn_refuses_what_its_prefill_asserts_on():
     assert stand_in.unsupported(case.params()) is None
     assert "Non-causal" in vllm_caps.unsupported({"alibi": True, "causal": False})
     assert vllm_caps.unsupported({"alibi": True, "causal": True}) is None
+
+
+@needs_vllm
+def test_vllm_rocm_attn_on_nvidia_refuses_the_alibi_prefill_that_does_not_fit(monkeypatch):
+    """sweep:0:13 on an H200: vLLM's prefix-prefill ALiBi kernel (float32, head size 256) asked
+    Triton for 279552 bytes of shared memory (232448 available). Refused by capability on an
+    NVIDIA GPU only: the interpreter has no such limit and ROCm was not measured."""
+    import torch
+
+    from impl.vllm import kernels
+    fp32_d256 = {"alibi": True, "causal": True, "torch_dtype": torch.float32, "head_size": 256}
+    assert not kernels.runs_on_nvidia()  # the CPU interpreter
+    assert RocmAttnBackend(provider="vllm").capabilities.unsupported(fp32_d256) is None
+    monkeypatch.setattr(kernels, "runs_on_nvidia", lambda: True)
+    caps = RocmAttnBackend(provider="vllm").capabilities
+    assert "shared memory" in caps.unsupported(fp32_d256)
+    for fits in ({**fp32_d256, "head_size": 128}, {**fp32_d256, "torch_dtype": torch.bfloat16},
+                 {**fp32_d256, "alibi": False}):
+        assert caps.unsupported(fits) is None, fits
+    assert RocmAttnBackend(provider="stand-in").capabilities.unsupported(fp32_d256) is None
