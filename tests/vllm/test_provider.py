@@ -78,10 +78,13 @@ def test_auto_means_vllm_where_it_loads_and_the_stand_in_capabilities_differ():
     assert TritonAttnBackend(provider="stand-in").capabilities.returns_lse
     assert not TritonAttnBackend(provider="vllm").capabilities.returns_lse
     assert RocmAttnBackend(provider="vllm").known_issues and not RocmAttnBackend(provider="stand-in").known_issues
-    # the stand-in declares nothing; vLLM's kernel its TF32 float32 dot and its ALiBi bias under sinks
+    # the stand-in declares nothing; vLLM's kernel its TF32 float32 dot and its linear ALiBi bias
+    # (wrong against sinks and without the causal mask)
+    from impl.backends.triton_attn import ALIBI_WITH_SINKS, NON_CAUSAL_ALIBI
     assert TritonAttnBackend(provider="stand-in").known_issues == ()
-    assert [i.link for i in TritonAttnBackend(provider="vllm").known_issues] == [
-        "attncheck issue 11", "attncheck issue 11 (vllm/v1/attention/ops/triton_attention_helpers.py)"]
+    tf32, *alibi = TritonAttnBackend(provider="vllm").known_issues
+    assert tf32.dtypes == {"fp32"} and tf32.platform == "cuda"
+    assert alibi == [ALIBI_WITH_SINKS, NON_CAUSAL_ALIBI]
 
 
 UNLOADABLE = """
