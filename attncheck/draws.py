@@ -129,8 +129,7 @@ class CounterDraws(Draws):
     """
 
     def __init__(self, seed: int, device="cpu"):
-        digest = hashlib.sha256(f"attncheck-counter-draws:{int(seed)}".encode()).digest()
-        self._keys = [int.from_bytes(digest[4 * i:4 * i + 4], "big") for i in range(4)]
+        self._keys = counter_keys(seed)
         self._next = 0  # counters used so far
         self.device = torch.device(device)
 
@@ -149,11 +148,16 @@ class CounterDraws(Draws):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def counter_keys(seed: int) -> tuple:
+    """The four 32-bit hash keys of a seed's counter stream."""
+    digest = hashlib.sha256(f"attncheck-counter-draws:{int(seed)}".encode()).digest()
+    return tuple(int.from_bytes(digest[4 * i:4 * i + 4], "big") for i in range(4))
+
+
 def counter_bits53_python(seed: int, index: int) -> int:
     """Draw ``index`` of ``CounterDraws(seed)`` in plain Python integers (what tests compare the
     tensor code on each device against)."""
-    digest = hashlib.sha256(f"attncheck-counter-draws:{int(seed)}".encode()).digest()
-    k1, k2, k3, k4 = (int.from_bytes(digest[4 * i:4 * i + 4], "big") for i in range(4))
+    k1, k2, k3, k4 = counter_keys(seed)
 
     def mix(x):
         x ^= x >> 16

@@ -32,7 +32,6 @@ from reference import fp
 from reference import paged as ref_paged
 
 CACHE_FIELDS = (("key_cache", "expected.key_cache_slots"), ("value_cache", "expected.value_cache_slots"))
-SPARE_BLOCKS = 1  # an unused, NaN-filled block; block-table padding points at it
 LIVE_BLOCK_M = 256  # query rows per block in the live (large-tier) oracle: bounds GPU memory
 
 
@@ -58,16 +57,7 @@ def build_inputs(case, draws: Optional[Draws] = None) -> dict:
     fp8 = case.kv_cache_dtype != "auto"
     B, bs = len(case.seq_lens), case.block_size
     Hq, Hkv, D = case.num_heads, case.num_kv_heads, case.head_size
-    blocks_per_seq = [-(-s // bs) for s in case.seq_lens]
-    num_blocks = sum(blocks_per_seq) + SPARE_BLOCKS
-    perm = draws.permutation(num_blocks).to(device="cpu", dtype=torch.int32)
-    poison_block = int(perm[-1])
-    max_blocks = max(blocks_per_seq) + 1  # always one padding column
-    block_table = torch.full((B, max_blocks), poison_block, dtype=torch.int32)
-    cursor = 0
-    for b, n in enumerate(blocks_per_seq):
-        block_table[b, :n] = perm[cursor:cursor + n]
-        cursor += n
+    block_table, num_blocks = shuffled_block_table(draws, case.seq_lens, bs)
 
     cdt = _cache_dtype(case)
     # NaN poison made by torch.full's scalar conversion: a vectorised float32 -> bf16 cast of NaN
@@ -98,7 +88,7 @@ def build_inputs(case, draws: Optional[Draws] = None) -> dict:
     tensors = {
         "query": query.to(dt), "key": key.to(dt), "value": value.to(dt),  # exact: model values
         "key_cache": key_cache, "value_cache": value_cache,
-        "block_table": block_table, "query_start_loc": torch.tensor([0] + _cumsum(qlens), dtype=torch.int32),
+        "block_table": block_table, "query_start_loc": query_start_loc(qlens),
         "seq_lens": torch.tensor(slens, dtype=torch.int32),
         "slot_mapping": new_token_slots(block_table, qlens, slens, bs),
     }
@@ -119,12 +109,24 @@ def new_token_slots(block_table: torch.Tensor, query_lens, seq_lens, block_size:
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
-def _cumsum(xs) -> list:
-    out, s = [], 0
-    for x in xs:
-        s += x
-        out.append(s)
-    return out
+def shuffled_block_table(draws: Draws, seq_lens, block_size: int) -> tuple:
+    """(int32 [B, max blocks + 1] on the CPU, number of cache blocks): the blocks of all
+    sequences and one spare in a random order; each row's unused entries, the padding column
+    included, point at the last block of that order (never written: NaN)."""
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 1
+    perm = draws.permutation(num_blocks).to(device="cpu", dtype=torch.int32)
+    block_table = torch.full((len(blocks_per_seq), max(blocks_per_seq) + 1), int(perm[-1]), dtype=torch.int32)
+    cursor = 0
+    for b, n in enumerate(blocks_per_seq):
+        block_table[b, :n] = perm[cursor:cursor + n]
+        cursor += n
+    return block_table, num_blocks
+
+
+def query_start_loc(query_lens) -> torch.Tensor:
+    """int32 [B + 1]: where each sequence's new tokens start (vLLM's query_start_loc)."""
+    return torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32)
 
 
 def _knobs(case, tensors) -> dict:

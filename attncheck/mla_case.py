@@ -38,7 +38,7 @@ import torch
 
 from attncheck import budgets
 from attncheck.draws import CounterDraws, Draws
-from attncheck.mha_case import new_token_slots
+from attncheck.mha_case import new_token_slots, query_start_loc, shuffled_block_table
 from attncheck.rule import locate_token
 from impl.batch import FP8_DTYPES, MLABatch
 from reference import emulated as em
@@ -47,20 +47,11 @@ from reference import mla as ref_mla
 from reference import paged as ref_paged
 
 CACHE_FIELDS = (("kv_cache", "expected.kv_cache_slots"),)
-SPARE_BLOCKS = 1  # an unused, NaN-filled block; block-table padding points at it
 LIVE_BLOCK_M = 256  # query rows per block in the live (large-tier) oracle: bounds GPU memory
 
 
 def _cache_dtype(case) -> torch.dtype:
     return FP8_DTYPES[case.kv_cache_dtype] if case.kv_cache_dtype != "auto" else case.torch_dtype
-
-
-def _cumsum(xs):
-    out, s = [], 0
-    for x in xs:
-        s += x
-        out.append(s)
-    return out
 
 
 def build_inputs(case, draws: Optional[Draws] = None) -> dict:
@@ -73,15 +64,7 @@ def build_inputs(case, draws: Optional[Draws] = None) -> dict:
     fp8 = case.kv_cache_dtype != "auto"
     B, bs = len(case.seq_lens), case.block_size
     N, L, R, P, V = case.num_heads, case.kv_lora_rank, case.rope_dim, case.nope_dim, case.v_dim
-    blocks_per_seq = [-(-s // bs) for s in case.seq_lens]
-    num_blocks = sum(blocks_per_seq) + SPARE_BLOCKS
-    perm = draws.permutation(num_blocks).to(device="cpu", dtype=torch.int32)
-    poison_block = int(perm[-1])
-    block_table = torch.full((B, max(blocks_per_seq) + 1), poison_block, dtype=torch.int32)
-    cursor = 0
-    for b, n in enumerate(blocks_per_seq):
-        block_table[b, :n] = perm[cursor:cursor + n]
-        cursor += n
+    block_table, num_blocks = shuffled_block_table(draws, case.seq_lens, bs)
     # scalar NaN: same bits on every ISA
     kv_cache = torch.full((num_blocks, bs, L + R), float("nan"), dtype=cdt, device=dev)
 
@@ -106,7 +89,7 @@ def build_inputs(case, draws: Optional[Draws] = None) -> dict:
         "kv_c": new_lat[:, :L].contiguous().to(dt), "k_pe": new_lat[:, L:].contiguous().to(dt),
         "kv_cache": kv_cache, "w_uk": w_uk.to(dt), "w_uv": w_uv.to(dt),
         "block_table": block_table,
-        "query_start_loc": torch.tensor([0] + _cumsum(qlens), dtype=torch.int32),
+        "query_start_loc": query_start_loc(qlens),
         "seq_lens": torch.tensor(slens, dtype=torch.int32),
         "slot_mapping": new_token_slots(block_table, qlens, slens, bs),
     }
