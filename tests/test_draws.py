@@ -73,5 +73,7 @@ def test_live_cases_are_drawn_by_the_counter_stream_and_stored_ones_are_not(inde
     first = "query" if case.kind == "MHA" else "q_nope"
     assert torch.equal(live[first], again[first])
     assert not torch.equal(live[first], stored_style[first])
+    assert torch.equal(module.build_live(case, "cpu")[first], live[first])  # what the live tiers run
+    assert torch.equal(module.build_golden(case)[first], stored_style[first])  # what the store holds
     for name in ("block_table", "slot_mapping", "seq_lens", "query_start_loc"):
         assert live[name].device.type == "cpu"
