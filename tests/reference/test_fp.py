@@ -3,6 +3,7 @@ round-to-nearest-even (torch's float32 -> bf16/fp16/fp8 casts are RNE on the val
 here), and the deterministic elementary functions must be accurate to a few float64 ulp."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -98,3 +99,42 @@ def test_contract_is_einsum_in_a_fixed_order():
     assert torch.equal(acc, fp.round_to(acc, fp.FP32)) and not torch.equal(acc, got)
     x = torch.randn(4, 37, generator=g, dtype=F64)
     assert torch.allclose(fp.sum_last(x), x.sum(-1), rtol=1e-13, atol=1e-13)
+
+
+def _exact_rne(x: float, fmt) -> float:
+    """Round-to-nearest-even of a float64 to ``fmt`` in exact rational arithmetic (the definition)."""
+    if math.isnan(x) or math.isinf(x) or x == 0:
+        return x
+    a = Fraction(abs(x))
+    e = max(math.floor(math.log2(abs(x))), fmt.min_exp)
+    while Fraction(2) ** e > a:  # log2 of a float64 can round up across a power of two
+        e -= 1
+    e = max(e, fmt.min_exp)
+    spacing = Fraction(2) ** (e + 1 - fmt.precision)
+    q, r = divmod(a, spacing)
+    if r * 2 > spacing or (r * 2 == spacing and q % 2 == 1):
+        q += 1
+    y = float(q * spacing)
+    if y > fmt.max_finite:
+        y = math.inf
+    return math.copysign(y, x)
+
+
+@pytest.mark.parametrize("fmt", [fp.BF16, fp.FP16, fp.FP32, fp.E4M3FN, fp.E4M3FNUZ], ids=lambda f: f.name)
+def test_round_to_equals_exact_rational_rounding(fmt):
+    """Random float64 bit patterns over and beyond the format's range, and values exactly on,
+    just above and just below a midpoint of ``fmt`` (where a cast through float32 rounds twice)."""
+    g = torch.Generator().manual_seed(fmt.precision)
+    n = 1500
+    mant = torch.randint(0, 2 ** 52, (n,), generator=g, dtype=torch.int64)
+    exps = torch.randint(fmt.min_exp - 30 + 1023, 140 + 1023, (n,), generator=g, dtype=torch.int64)
+    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) << 63
+    drop = 53 - fmt.precision
+    on_grid = (mant >> drop) << drop
+    half = 1 << (drop - 1)
+    values = [signs | (exps << 52) | m for m in (mant, on_grid | half, on_grid | (half + 1), on_grid | (half - 1))]
+    x = torch.cat(values + [torch.randint(-2 ** 63, 2 ** 63 - 1, (n,), generator=g, dtype=torch.int64)]).view(F64)
+    x = x[~torch.isnan(x)]
+    got = fp.round_to(x, fmt)
+    want = torch.tensor([_exact_rne(v, fmt) for v in x.tolist()], dtype=F64)
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64))
