@@ -131,45 +131,70 @@ def attention(q, k, v, *, scale, causal=True, sliding_window=None, softcap=None,
         raise ValueError(f"prescale: expected one of {PRESCALES}, got {prescale!r}")
     if normalise not in NORMALISES:
         raise ValueError(f"normalise: expected one of {NORMALISES}, got {normalise!r}")
+    qpos = query_positions(q.shape[0], k.shape[0], q_offset, q.device)[None]
+    out, lse = attention_batch(q[None], k[None], v[None], qpos, None, scale=scale, causal=causal,
+                               sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                               dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
+    return out[0], lse[0]
+
+
+def _key_mask(qpos, sk: int, key_len, causal: bool, sliding_window) -> torch.Tensor:
+    """bool [B, 1, Sq, Sk]: query (at qpos [B, Sq]) sees key j (at position j) and j < key_len[b]."""
+    kpos = torch.arange(sk, device=qpos.device)
+    mask = visible(qpos, kpos, causal, sliding_window)
+    if key_len is not None:
+        mask = mask & (kpos < key_len[:, None, None])
+    return mask[:, None]
+
+
+def _alibi_distance(qpos, sk: int) -> torch.Tensor:
+    """float64 [B, 1, Sq, Sk]: |i - j| for query position i, key position j."""
+    return (qpos[:, :, None] - torch.arange(sk, device=qpos.device)).abs().to(F64)[:, None]
+
+
+def attention_batch(q, k, v, qpos, key_len=None, *, scale, causal=True, sliding_window=None, softcap=None,
+                    alibi_slopes=None, sinks=None, dtype: torch.dtype = F64, prescale: str = "k",
+                    normalise: str = "before", engine=EXACT):
+    """``attention`` of B independent rows of sequences at once (float64 tensors): q [B, Sq, Hq, D]
+    at positions qpos [B, Sq], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv] whose keys j >= key_len[b]
+    are padding (0, never seen; None: no padding). Returns (out [B, Sq, Hq, Dv], lse [B, Hq, Sq]).
+    With B = 1 and no padding every operation is the one-sequence one; padded keys add exact
+    zeros, so only the FAST engine's summation order can tell a padded row from an unpadded one."""
     m_fmt, a_fmt = _formats(dtype)
     rm = lambda x: fp.round_to(x, m_fmt)  # noqa: E731
-    sq, hq, d = q.shape
-    sk, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    nb, sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     if sq == 0 or sk == 0:
-        return torch.zeros(sq, hq, dv, dtype=F64, device=q.device), \
-            torch.full((hq, sq), float("-inf"), dtype=F64, device=q.device)
-    qpos = query_positions(sq, sk, q_offset, q.device)
-    kpos = torch.arange(sk, device=q.device)
-
+        return torch.zeros(nb, sq, hq, dv, dtype=F64, device=q.device), \
+            torch.full((nb, hq, sq), float("-inf"), dtype=F64, device=q.device)
     kk = rm(k * scale) if prescale == "k" else k
-    s = rm(engine.contract("mkgd,nkd->kgmn", q.reshape(sq, hkv, g, d), kk, a_fmt)).reshape(hq, sq, sk)
+    s = rm(engine.contract("bmkgd,bnkd->bkgmn", q.reshape(nb, sq, hkv, g, d), kk, a_fmt)).reshape(nb, hq, sq, sk)
     if prescale == "scores":
         s = rm(s * scale)
     if softcap is not None:
         s = rm(softcap * rm(engine.tanh(rm(s / softcap))))
     if alibi_slopes is not None:
         slopes = rm(alibi_slopes.to(device=q.device, dtype=F64))
-        dist = rm((qpos[:, None] - kpos[None, :]).abs().to(F64))
+        dist = rm(_alibi_distance(qpos, sk))
         s = rm(s + rm(-slopes[:, None, None] * dist))
-    mask = visible(qpos, kpos, causal, sliding_window)
-    s = s.masked_fill(~mask, float("-inf"))
+    s = s.masked_fill(~_key_mask(qpos, sk, key_len, causal, sliding_window), float("-inf"))
 
-    sink = None if sinks is None else rm(sinks.to(device=q.device, dtype=F64))[:, None].expand(hq, sq)
+    sink = None if sinks is None else rm(sinks.to(device=q.device, dtype=F64))[:, None].expand(nb, hq, sq)
     p, lse, e, denom = _softmax(s, sink, dtype, engine)
     if normalise == "before":
-        out = rm(engine.contract("kgmn,nkd->kgmd", p.reshape(hkv, g, sq, sk), v, a_fmt)).reshape(hq, sq, dv)
+        out = rm(engine.contract("bkgmn,bnkd->bkgmd", p.reshape(nb, hkv, g, sq, sk), v, a_fmt))
     else:
-        acc = engine.contract("kgmn,nkd->kgmd", rm(e).reshape(hkv, g, sq, sk), v, a_fmt).reshape(hq, sq, dv)
-        safe = torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
+        acc = engine.contract("bkgmn,bnkd->bkgmd", rm(e).reshape(nb, hkv, g, sq, sk), v, a_fmt)
+        safe = torch.where(denom > 0, denom, torch.ones_like(denom)).reshape(nb, hkv, g, sq, 1)
         out = rm(fp.round_to(acc / safe, _fmt(a_fmt)))
-    return out.permute(1, 0, 2).contiguous(), lse
+    return out.reshape(nb, hq, sq, dv).permute(0, 2, 1, 3).contiguous(), lse
 
 
 def _softmax(s: torch.Tensor, sink: Optional[torch.Tensor], dtype: torch.dtype, engine):
-    """Masked logits s [H, M, N] (-inf where masked) -> (P [H, M, N] in the model dtype, LSE
-    [H, M] over the keys only, the exponentials, the denominator), exponentials and sums in the
-    accumulator format; a sink [H, M] joins the denominator. A row with no visible key gets P = 0
+    """Masked logits s [..., M, N] (-inf where masked) -> (P [..., M, N] in the model dtype, LSE
+    [..., M] over the keys only, the exponentials, the denominator), exponentials and sums in the
+    accumulator format; a sink [..., M] joins the denominator. A row with no visible key gets P = 0
     and LSE -inf."""
     m_fmt, a_fmt = _formats(dtype)
     ra = lambda x: fp.round_to(x, _fmt(a_fmt))  # noqa: E731
@@ -199,22 +224,37 @@ def lse_sensitivity(q, k, *, scale, causal=True, sliding_window=None, softcap=No
     every kernel that does it, so the pt variants carry it.)
     """
     q, k = q.to(F64), k.to(F64)
-    sq, hq, d = q.shape
-    sk, hkv = k.shape[:2]
+    qpos = query_positions(q.shape[0], k.shape[0], q_offset, q.device)[None]
+    return lse_sensitivity_batch(q[None], k[None], qpos, None, scale=scale, causal=causal,
+                                 sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
+                                 engine=engine)[0]
+
+
+def _capped_scores(q, k, scale, softcap, engine) -> torch.Tensor:
+    """float64 [B, Hq, Sq, Sk]: the scores times the scale, softcapped (before ALiBi)."""
+    nb, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    capped = engine.contract("bmkgd,bnkd->bkgmn", q.reshape(nb, sq, hkv, hq // hkv, d), k,
+                             None).reshape(nb, hq, sq, sk) * scale
+    return capped if softcap is None else softcap * engine.tanh(capped / softcap)
+
+
+def lse_sensitivity_batch(q, k, qpos, key_len=None, *, scale, causal=True, sliding_window=None, softcap=None,
+                          alibi_slopes=None, engine=EXACT):
+    """``lse_sensitivity`` of B rows at once ([B, Hq, Sq]; shapes as ``attention_batch``)."""
+    nb, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    qpos = query_positions(sq, sk, q_offset, q.device)
-    kpos = torch.arange(sk, device=q.device)
-    capped = engine.contract("mkgd,nkd->kgmn", q.reshape(sq, hkv, g, d), k, None).reshape(hq, sq, sk) * scale
-    if softcap is not None:
-        capped = softcap * engine.tanh(capped / softcap)
+    capped = _capped_scores(q, k, scale, softcap, engine)
     final = capped
     if alibi_slopes is not None:
-        final = capped - alibi_slopes.to(device=q.device, dtype=F64)[:, None, None] * (qpos[:, None] - kpos[None, :]).abs()
-    mask = visible(qpos, kpos, causal, sliding_window)
-    p = _probabilities(final.masked_fill(~mask, float("-inf")), engine)  # [Hq, Sq, Sk], 0 where masked
+        final = capped - alibi_slopes.to(device=q.device, dtype=F64)[:, None, None] * _alibi_distance(qpos, sk)
+    mask = _key_mask(qpos, sk, key_len, causal, sliding_window)
+    p = _probabilities(final.masked_fill(~mask, float("-inf")), engine)  # [B, Hq, Sq, Sk], 0 where masked
     b_s = engine.row_sum(p * torch.maximum(capped.abs(), final.abs()), None)
-    k_mean = engine.contract("kgmn,nkd->kgmd", p.reshape(hkv, g, sq, sk), k, None)  # sum_j p_ij k_j
-    b_q = engine.contract("mkgd,kgmd->kgm", q.abs().reshape(sq, hkv, g, d), k_mean.abs(), None).reshape(hq, sq)
+    k_mean = engine.contract("bkgmn,bnkd->bkgmd", p.reshape(nb, hkv, g, sq, sk), k, None)  # sum_j p_ij k_j
+    b_q = engine.contract("bmkgd,bkgmd->bkgm", q.abs().reshape(nb, sq, hkv, g, d), k_mean.abs(),
+                          None).reshape(nb, hq, sq)
     return b_q * scale + b_s
 
 
@@ -245,54 +285,59 @@ def output_step(q, k, v, *, scale, causal=True, sliding_window=None, softcap=Non
     (a reciprocal and a product). Rows with no visible key get 0.
     """
     q, k, v = q.to(F64), k.to(F64), v.to(F64)
-    sq, hq, d = q.shape
-    sk, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    qpos = query_positions(q.shape[0], k.shape[0], q_offset, q.device)[None]
+    return output_step_batch(q[None], k[None], v[None], qpos, None, scale=scale, causal=causal,
+                             sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                             engine=engine)[0]
+
+
+def output_step_batch(q, k, v, qpos, key_len=None, *, scale, causal=True, sliding_window=None, softcap=None,
+                      alibi_slopes=None, sinks=None, engine=EXACT):
+    """``output_step`` of B rows at once ([B, Sq, Hq, Dv]; shapes as ``attention_batch``)."""
+    nb, sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     if sq == 0 or sk == 0:
-        return torch.zeros(sq, hq, dv, dtype=F64, device=q.device)
-    qpos = query_positions(sq, sk, q_offset, q.device)
-    kpos = torch.arange(sk, device=q.device)
-    qg = q.reshape(sq, hkv, g, d)
-    capped = engine.contract("mkgd,nkd->kgmn", qg, k, None).reshape(hq, sq, sk) * scale
-    if softcap is not None:
-        capped = softcap * engine.tanh(capped / softcap)
+        return torch.zeros(nb, sq, hq, dv, dtype=F64, device=q.device)
+    capped = _capped_scores(q, k, scale, softcap, engine)
     final = capped
     if alibi_slopes is not None:
-        bias = alibi_slopes.to(device=q.device, dtype=F64)[:, None, None] * (qpos[:, None] - kpos[None, :]).abs()
-        final = capped - bias
-    mask = visible(qpos, kpos, causal, sliding_window)
+        final = capped - alibi_slopes.to(device=q.device, dtype=F64)[:, None, None] * _alibi_distance(qpos, sk)
+    mask = _key_mask(qpos, sk, key_len, causal, sliding_window)  # [B, 1, Sq, Sk]
     final = final.masked_fill(~mask, float("-inf"))
-    shift = final.amax(dim=-1)  # [Hq, Sq]
+    shift = final.amax(dim=-1)  # [B, Hq, Sq]
     if sinks is not None:
-        sink = sinks.to(device=q.device, dtype=F64)[:, None].expand(hq, sq)
+        sink = sinks.to(device=q.device, dtype=F64)[:, None].expand(nb, hq, sq)
         shift = torch.maximum(shift, sink)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     e = engine.exp(final - shift[..., None])  # 0 where masked
     total = engine.row_sum(e, None)
-    n = mask.sum(dim=-1).to(F64)[None].expand(hq, sq)
+    n = mask.sum(dim=-1).to(F64).expand(nb, hq, sq)
     if sinks is not None:
         e_sink = engine.exp(sink - shift)
         total = total + e_sink
         n = n + 1
     safe = torch.where(total > 0, total, torch.ones_like(total))
     p = e / safe[..., None]
-    a_q = engine.contract("mkgd,nkd->kgmn", qg.abs(), k.abs(), None).reshape(hq, sq, sk) * scale
+    a_q = _capped_scores(q.abs(), k.abs(), scale, None, engine)
     visible_final = torch.where(mask, final, capped)  # finite where masked: p is 0 there
     w = (EXP_LEVELS * EXP_REL + 2 * a_q + 2 * torch.maximum(capped.abs(), visible_final.abs())
          + 2 * (visible_final - shift[..., None]).abs() + (visible_final - capped).abs())
     if softcap is not None:
         w = w + TANH_ABS * abs(float(softcap))
-    weight_sum = engine.row_sum(p * w, None)  # [Hq, Sq]
+    weight_sum = engine.row_sum(p * w, None)  # [B, Hq, Sq]
     if sinks is not None:
         weight_sum = weight_sum + e_sink / safe * (EXP_LEVELS * EXP_REL + 2 * (sink - shift).abs())
-    spread = ACCUMULATION_LAMBDA * n.sqrt()  # [Hq, Sq]
-    pv = lambda x: engine.contract("kgmn,nkd->kgmd", x.reshape(hkv, g, sq, sk), v, None).reshape(hq, sq, dv)  # noqa: E731
-    o = pv(p)
-    weighted_v = engine.contract("kgmn,nkd->kgmd", (p * (w + spread[..., None])).reshape(hkv, g, sq, sk), v.abs(),
-                                 None).reshape(hq, sq, dv)
+    spread = ACCUMULATION_LAMBDA * n.sqrt()  # [B, Hq, Sq]
+
+    def pv(x, values):
+        return engine.contract("bkgmn,bnkd->bkgmd", x.reshape(nb, hkv, g, sq, sk), values, None).reshape(nb, hq, sq, dv)
+
+    o = pv(p, v)
+    weighted_v = pv(p * (w + spread[..., None]), v.abs())
     step = weighted_v + o.abs() * (weight_sum + spread + 2)[..., None]
     step = torch.where((total > 0)[..., None], step, torch.zeros_like(step))
-    return step.permute(1, 0, 2).contiguous()
+    return step.permute(0, 2, 1, 3).contiguous()
 
 
 def _probabilities(s, engine):
@@ -304,16 +349,87 @@ def _probabilities(s, engine):
     return torch.where(total > 0, e / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(e))
 
 
-def _gather(cache, block_table_row, start, end, scale, m_fmt):
-    """Tokens [start, end) of one sequence from an NHD cache (MLA: the latent cache), dequantised into the model format
-    (fp8: rnd_m(stored * scale)), as float64."""
+BATCH_ELEMENTS = 1 << 24  # FAST engine: query blocks are packed while a batch's [B, H, Sq, Sk] scores stay under this
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Blocks of query rows computed together: block i is rows ``first[i]`` .. ``first[i] +
+    count[i] - 1`` of the batch, of sequence ``seq[i]`` (``ctx[i]`` context tokens, ``seq_len[i]``
+    keys), whose first new token is row ``q0[i]``. Tensors [B] (int64) on the batch's device."""
+
+    seq: torch.Tensor
+    first: torch.Tensor
+    count: torch.Tensor
+    q0: torch.Tensor
+    ctx: torch.Tensor
+    seq_len: torch.Tensor
+
+    def query_index(self):
+        """(rows [B, M] of the batch, valid [B, M]): padding rows repeat the block's last row."""
+        m = int(self.count.max())
+        j = torch.arange(m, device=self.first.device)
+        valid = j < self.count[:, None]
+        return self.first[:, None] + torch.minimum(j, self.count[:, None] - 1), valid
+
+    def positions(self):
+        """[B, M]: each row's position in its sequence (context first)."""
+        rows, _ = self.query_index()
+        return self.ctx[:, None] + (rows - self.q0[:, None])
+
+
+def _row_blocks(query_start_loc, seq_lens, block_m, engine, device, heads: int, key_elements: int) -> list:
+    """The batches (``_Rows``) a paged computation runs: EXACT computes one sequence at a time
+    (its fixed summation order is defined per sequence: nothing padded); FAST takes each
+    sequence's rows ``block_m`` at a time and packs blocks of similar key counts, padded, while a
+    batch's biggest tensors stay under BATCH_ELEMENTS (a block bigger than that is a batch alone):
+    blocks x keys x (heads x rows + key_elements), key_elements being what one key of one block
+    holds in the widest key tensor (per-head keys and values)."""
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    blocks = []  # (seq, first, count, q0, ctx, seq_len)
+    for b, seq_len in enumerate(lens):
+        q0, q1 = qsl[b], qsl[b + 1]
+        step = (q1 - q0) if (engine is EXACT or block_m is None) else int(block_m)
+        for m0 in range(q0, q1, max(step, 1)):
+            blocks.append((b, m0, min(step, q1 - m0), q0, seq_len - (q1 - q0), seq_len))
+    if engine is EXACT:
+        groups = [[blk] for blk in blocks]
+    else:
+        groups, current, rows, keys = [], [], 0, 0
+        for blk in sorted(blocks, key=lambda x: (-x[5], -x[2])):
+            r, k = max(rows, blk[2]), max(keys, blk[5])
+            if current and (len(current) + 1) * k * (heads * r + key_elements) > BATCH_ELEMENTS:
+                groups.append(current)
+                current, r, k = [], blk[2], blk[5]
+            current.append(blk)
+            rows, keys = r, k
+        if current:
+            groups.append(current)
+    as_tensor = lambda col: torch.tensor(col, dtype=torch.int64, device=device)  # noqa: E731
+    return [_Rows(*map(as_tensor, zip(*g))) for g in groups]
+
+
+def _gather_keys(cache, block_table, seq, start, length, scale, m_fmt, new=None, new_from=None, q0=None):
+    """[B, max(length), Hkv, D] float64 (MLA: [B, max(length), L + R]): tokens start[i] ..
+    start[i] + length[i] - 1 of sequence seq[i] from the paged cache, dequantised into the model
+    format (fp8: rnd_m(stored * scale)), 0 beyond length[i]. With ``new`` ([T, ...], the batch's
+    new tokens), tokens at or after ``new_from[i]`` are new token q0[i] + (position - new_from[i])
+    of ``new`` rounded to the model format instead (read before, or without, the cache)."""
+    n = int(length.max()) if length.numel() else 0
+    j = torch.arange(n, device=cache.device)
+    valid = j < length[:, None]
+    pos = torch.where(valid, start[:, None] + j, torch.zeros_like(j))
     bs = cache.shape[1]
-    pos = torch.arange(start, end, device=cache.device)
-    blocks = block_table_row.to(cache.device).long()[pos // bs]
+    blocks = block_table.to(cache.device).long()[seq[:, None], pos // bs]
     x = cache[blocks, pos % bs].to(F64)
     if cache.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
         x = fp.round_to(x * float(scale), m_fmt)
-    return x
+    pad = (...,) + (None,) * (x.dim() - 2)
+    if new is not None:
+        fresh = valid & (pos >= new_from[:, None])
+        index = (q0[:, None] + pos - new_from[:, None]).clamp(0, max(new.shape[0] - 1, 0))
+        x = torch.where(fresh[pad], fp.round_to(new.to(F64), m_fmt)[index], x)
+    return torch.where(valid[pad], x, torch.zeros((), dtype=F64, device=x.device))
 
 
 def paged_attention(query, key_cache, value_cache, block_table, query_start_loc, seq_lens, *, scale,
@@ -328,12 +444,16 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     and values come from those instead of the cache (a pipeline that attends the new tokens
     before, or without, reading them back from an fp8 cache). ``context_chunk_tokens``: vLLM's
     prefill with context (``chunked_context``): the new tokens causal over themselves, the context
-    in chunks, partials in the model dtype merged in order. ``block_m`` takes each sequence's
-    queries that many at a time (rows are independent: only memory changes). Returns (out
-    [T, Hq, Dv], lse [Hq, T]) as float64, plus ``lse_sensitivity`` [Hq, T] if
+    in chunks, partials in the model dtype merged in order. ``block_m`` (FAST engine) takes each
+    sequence's queries that many at a time, and blocks of several sequences are computed together
+    (``_row_blocks``; rows are independent: only memory and the number of launches change).
+    Returns (out [T, Hq, Dv], lse [Hq, T]) as float64, plus ``lse_sensitivity`` [Hq, T] if
     ``with_lse_sensitivity`` and then ``output_step`` [T, Hq, Dv] if ``with_output_step``.
     """
     check_paged(query, key_cache, value_cache, block_table, query_start_loc, seq_lens)
+    if context_chunk_tokens is not None and (sliding_window is not None or alibi_slopes is not None
+                                             or sinks is not None):
+        raise ValueError("context_chunk_tokens: chunking with a window, ALiBi or sinks is not modelled")
     m_fmt, _ = _formats(dtype)
     t, hq = query.shape[:2]
     dev = query.device
@@ -341,42 +461,34 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     lse = torch.full((hq, t), float("-inf"), dtype=F64, device=dev)
     sensitivity = torch.zeros(hq, t, dtype=F64, device=dev)
     step_out = torch.zeros_like(out) if with_output_step else None
-    qsl = query_start_loc.tolist()
-    knobs = dict(scale=scale, causal=causal, sliding_window=sliding_window)
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        q0, q1 = qsl[b], qsl[b + 1]
-        if q1 == q0:
-            continue
-        ctx = seq_len - (q1 - q0)
-        k = _gather(key_cache, block_table[b], 0, seq_len, k_scale, m_fmt)
-        v = _gather(value_cache, block_table[b], 0, seq_len, v_scale, m_fmt)
-        if new_key is not None:
-            k = torch.cat([k[:ctx], fp.round_to(new_key[q0:q1].to(F64), m_fmt)])
-            v = torch.cat([v[:ctx], fp.round_to(new_value[q0:q1].to(F64), m_fmt)])
-        if context_chunk_tokens is not None:
-            if sliding_window is not None or alibi_slopes is not None or sinks is not None:
-                raise ValueError("context_chunk_tokens: chunking with a window, ALiBi or sinks is not modelled")
-            q = fp.round_to(query[q0:q1].to(F64), m_fmt)
-            out[q0:q1], lse[:, q0:q1] = chunked_context(q, k, v, ctx, chunk_tokens=context_chunk_tokens, scale=scale,
-                                                        softcap=softcap, dtype=dtype, prescale=prescale,
-                                                        normalise=normalise, engine=engine)
-            if not (with_lse_sensitivity or with_output_step):
-                continue
-        step = (q1 - q0) if block_m is None else int(block_m)
-        for m0 in range(q0, q1, step):
-            m1 = min(m0 + step, q1)
-            rows = dict(knobs, q_offset=ctx + (m0 - q0))
-            q = fp.round_to(query[m0:m1].to(F64), m_fmt)
-            if context_chunk_tokens is None:
-                out[m0:m1], lse[:, m0:m1] = attention(q, k, v, softcap=softcap, alibi_slopes=alibi_slopes,
-                                                      sinks=sinks, dtype=dtype, prescale=prescale,
-                                                      normalise=normalise, engine=engine, **rows)
-            if with_lse_sensitivity:
-                sensitivity[:, m0:m1] = lse_sensitivity(q, k, softcap=softcap, alibi_slopes=alibi_slopes,
-                                                        engine=engine, **rows)
-            if with_output_step:
-                step_out[m0:m1] = output_step(q, k, v, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                                              engine=engine, **rows)
+    knobs = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
+                 alibi_slopes=alibi_slopes, engine=engine)
+    rounding = dict(dtype=dtype, prescale=prescale, normalise=normalise)
+    key_elements = key_cache.shape[2] * (key_cache.shape[3] + value_cache.shape[3])
+    for rows in _row_blocks(query_start_loc, seq_lens, block_m, engine, dev, hq, key_elements):
+        zero = torch.zeros_like(rows.seq)
+        fresh = dict(new_from=rows.ctx, q0=rows.q0) if new_key is not None else {}
+        k = _gather_keys(key_cache, block_table, rows.seq, zero, rows.seq_len, k_scale, m_fmt,
+                         new=new_key, **fresh)
+        v = _gather_keys(value_cache, block_table, rows.seq, zero, rows.seq_len, v_scale, m_fmt,
+                         new=new_value, **fresh)
+        index, valid = rows.query_index()
+        q = fp.round_to(query[index].to(F64), m_fmt)
+        qpos = rows.positions()
+        at = dict(qpos=qpos, key_len=rows.seq_len)
+        if context_chunk_tokens is None:
+            o, l = attention_batch(q, k, v, **at, **knobs, sinks=sinks, **rounding)
+        else:
+            o, l = chunked_context_batch(_mha_attend(dict(scale=scale, softcap=softcap, engine=engine, **rounding)),
+                                         (q,), (k, v), qpos, rows.ctx, rows.seq_len, chunk_tokens=context_chunk_tokens,
+                                         dtype=dtype, engine=engine, key_elements=key_elements)
+        target = index[valid]
+        out[target] = o[valid]
+        lse[:, target] = l.permute(1, 0, 2)[:, valid]
+        if with_lse_sensitivity:
+            sensitivity[:, target] = lse_sensitivity_batch(q, k, **at, **knobs).permute(1, 0, 2)[:, valid]
+        if with_output_step:
+            step_out[target] = output_step_batch(q, k, v, **at, **knobs, sinks=sinks)[valid]
     extra = ((sensitivity,) if with_lse_sensitivity else ()) + ((step_out,) if with_output_step else ())
     return (out, lse, *extra)
 
@@ -386,19 +498,68 @@ def chunked_context(q, k, v, ctx: int, *, chunk_tokens: int, scale, softcap=None
     """One sequence, vLLM's prefill with context: the new tokens (keys ctx..) causal over
     themselves, the context (keys ..ctx) in chunks of ``chunk_tokens`` without a mask, the
     partials (model dtype) merged in order, then merge(prefix=context, suffix=new)."""
+    q, k, v = q.to(F64), k.to(F64), v.to(F64)
+    qpos = query_positions(q.shape[0], k.shape[0], None, q.device)[None]
+    lengths = torch.tensor([ctx, k.shape[0]], dtype=torch.int64, device=q.device)
     kw = dict(scale=scale, softcap=softcap, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
-    out, lse = attention(q, k[ctx:], v[ctx:], causal=True, **kw)
-    if ctx == 0:
+    out, lse = chunked_context_batch(_mha_attend(kw), (q[None],), (k[None], v[None]), qpos, lengths[:1], lengths[1:],
+                                     chunk_tokens=chunk_tokens, dtype=dtype, engine=engine)
+    return out[0], lse[0]
+
+
+def _mha_attend(kw: dict):
+    """``chunked_context_batch``'s attend for MHA: queries (q,), keys (k, v)."""
+    def attend(queries, keys, qpos, key_len, causal):
+        return attention_batch(*queries, *keys, qpos, key_len, causal=causal, **kw)
+    return attend
+
+
+def _slice_keys(k, start, length, row=None):
+    """[R, max(length), ...]: keys start[i] .. start[i] + length[i] - 1 of row row[i] of k (default:
+    row i), 0 beyond."""
+    n = int(length.max()) if length.numel() else 0
+    j = torch.arange(n, device=k.device)
+    valid = j < length[:, None]
+    pos = torch.where(valid, start[:, None] + j, torch.zeros_like(j))
+    row = torch.arange(k.shape[0], device=k.device) if row is None else row
+    x = k[row[:, None], pos]
+    return torch.where(valid[(...,) + (None,) * (x.dim() - 2)], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def chunked_context_batch(attend, queries: tuple, keys: tuple, qpos, ctx, seq_len, *, chunk_tokens: Optional[int],
+                          dtype: torch.dtype = F64, engine=EXACT, key_elements: int = 0):
+    """vLLM's prefill with context for B rows at once: ``queries`` ([B, Sq, ...] tensors) at
+    positions qpos [B, Sq] (context first) over ``keys`` ([B, Sk, ...] tensors) that hold row i's
+    ctx[i] context keys, then its new keys up to seq_len[i]. The new tokens attend causally over
+    themselves; the context in chunks of ``chunk_tokens`` (None or 0: one chunk) without a mask,
+    chunk c of every row in one batch (EXACT: one row and one chunk at a time, nothing padded),
+    the partials merged in order (a row with fewer chunks merges empty partials, which change
+    nothing), then merge(prefix=context, suffix=new). ``attend(queries, keys, qpos, key_len,
+    causal)`` -> (out [B, Sq, H, Dv], lse [B, H, Sq]) is the attention of one pipeline;
+    ``key_elements`` bounds the FAST engine's chunk batches as in ``_row_blocks``."""
+    nb, sq = queries[0].shape[:2]
+    n_new = seq_len - ctx
+    out, lse = attend(queries, tuple(_slice_keys(x, ctx, n_new) for x in keys), qpos - ctx[:, None], n_new, True)
+    longest = int(ctx.max()) if nb else 0
+    if longest == 0:
         return out, lse
-    ctx_out = ctx_lse = None
-    for a in range(0, ctx, max(1, int(chunk_tokens))):
-        b = min(a + int(chunk_tokens), ctx)
-        o, l = attention(q, k[a:b], v[a:b], causal=False, **kw)
-        ctx_out, ctx_lse = (o, l) if ctx_out is None else merge_states(ctx_out, ctx_lse, o, l, dtype, engine)
-    return merge_states(ctx_out, ctx_lse, out, lse, dtype, engine)
+    chunk = int(chunk_tokens) if chunk_tokens else longest
+    num_chunks = -(-longest // chunk)
+    per_row = chunk * (out.shape[2] * sq + key_elements)  # as _row_blocks counts a batch row
+    per_batch = 1 if engine is EXACT else max(1, BATCH_ELEMENTS // max(1, nb * per_row))
+    state = None
+    for c0 in range(0, num_chunks, per_batch):
+        cs = torch.arange(c0, min(c0 + per_batch, num_chunks), device=qpos.device)
+        row = torch.arange(nb, device=qpos.device).repeat_interleave(len(cs))
+        start = cs.repeat(nb) * chunk
+        length = (ctx[row] - start).clamp(0, chunk)
+        o, l = attend(tuple(x[row] for x in queries), tuple(_slice_keys(x, start, length, row) for x in keys),
+                      torch.zeros_like(qpos[row]), length, False)
+        o, l = o.reshape(nb, len(cs), *o.shape[1:]), l.reshape(nb, len(cs), *l.shape[1:])
+        for i in range(len(cs)):
+            state = (o[:, i], l[:, i]) if state is None else merge_states(*state, o[:, i], l[:, i], dtype, engine)
+    return merge_states(*state, out, lse, dtype, engine)
 
-
-# ---- MLA (reference/mla.py's two paths, with the roundings of a model-dtype implementation) ----
 
 def merge_states(prefix_out, prefix_lse, suffix_out, suffix_lse, dtype: torch.dtype = F64, engine=EXACT):
     """vLLM's ``merge_attn_states`` (LSE [H, T]; +inf read as -inf; both -inf -> 0 and -inf):
@@ -414,8 +575,8 @@ def merge_states(prefix_out, prefix_lse, suffix_out, suffix_lse, dtype: torch.dt
     wp, ws = ra(engine.exp(ra(p - m0))), ra(engine.exp(ra(s - m0)))
     tot = ra(wp + ws)
     safe = torch.where(both_empty, torch.ones_like(tot), tot)
-    cp = ra(wp / safe).transpose(0, 1)[..., None]  # [T, H, 1]
-    cs = ra(ws / safe).transpose(0, 1)[..., None]
+    cp = ra(wp / safe).transpose(-1, -2)[..., None]  # [..., T, H, 1]
+    cs = ra(ws / safe).transpose(-1, -2)[..., None]
     out = fp.round_to(ra(ra(prefix_out.to(F64) * cp) + ra(suffix_out.to(F64) * cs)), m_fmt)
     lse = torch.where(both_empty, torch.full_like(m, float("-inf")), ra(ra(engine.log(safe)) + m0))
     return out, lse
@@ -441,7 +602,7 @@ def merge_step(prefix_out, prefix_lse, suffix_out, suffix_lse, engine=EXACT):
     def spread(lse):  # EXP_REL + 2 |lse - m|, 0 where the partial is empty (its weight is 0)
         return torch.where(torch.isfinite(lse), EXP_REL + 2 * (lse - m0).abs(), torch.zeros_like(lse))
 
-    col = lambda x: x.transpose(0, 1)[..., None]  # noqa: E731  [H, T] -> [T, H, 1]
+    col = lambda x: x.transpose(-1, -2)[..., None]  # noqa: E731  [..., H, T] -> [..., T, H, 1]
     op, os_ = prefix_out.to(F64), suffix_out.to(F64)
     o = op * col(cp) + os_ * col(cs)
     step = (col(cp * spread(p)) * (op.abs() + o.abs()) + col(cs * spread(s)) * (os_.abs() + o.abs())
@@ -454,48 +615,86 @@ def mla_absorbed(q_nope, q_pe, kv_c, k_pe, w_uk, w_uv, *, scale, causal=True, q_
     """Absorbed (decode) path for one sequence, float64 in and out (model-dtype values):
     ql = rnd_m(q_nope . w_uk), MQA of [ql | q_pe] over the latent [kv_c | k_pe] (the MHA steps),
     o_lat = rnd_m(P . kv_c), out = rnd_m(o_lat . w_uv)."""
+    return _one_sequence(mla_absorbed_batch, q_nope, q_pe, kv_c, k_pe, w_uk, w_uv, q_offset, scale=scale,
+                         causal=causal, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
+
+
+def _one_sequence(batched, q_nope, q_pe, kv_c, k_pe, w_uk, w_uv, q_offset, **kw):
+    """An MLA path of one sequence through its batched form (B = 1, nothing padded)."""
+    lat = torch.cat([kv_c, k_pe], dim=-1).to(F64)
+    qpos = query_positions(q_nope.shape[0], lat.shape[0], q_offset, q_nope.device)[None]
+    out, lse = batched(q_nope.to(F64)[None], q_pe.to(F64)[None], lat[None], w_uk.to(F64), w_uv.to(F64), qpos, None,
+                       **kw)
+    return out[0], lse[0]
+
+
+def mla_absorbed_batch(q_nope, q_pe, lat, w_uk, w_uv, qpos, key_len=None, *, scale, causal=True,
+                       dtype: torch.dtype = F64, prescale: str = "k", normalise: str = "before", engine=EXACT):
+    """``mla_absorbed`` of B rows at once: q_nope [B, Sq, N, P], q_pe [B, Sq, N, R] at positions
+    qpos [B, Sq], the latent lat [B, Sk, L + R] ([kv_c | k_pe]; keys j >= key_len[b] are padding).
+    Returns (out [B, Sq, N, V], lse [B, N, Sq])."""
     m_fmt, a_fmt = _formats(dtype)
     rm = lambda x: fp.round_to(x, m_fmt)  # noqa: E731
-    ql = rm(engine.contract("qnp,lnp->qnl", q_nope.to(F64), w_uk.to(F64), a_fmt))
-    q = torch.cat([ql, q_pe.to(F64)], dim=-1)  # [Sq, N, L + R]
-    lat = torch.cat([kv_c, k_pe], dim=-1).to(F64)  # [Sk, L + R]
-    sq, n = q.shape[:2]
-    sk = lat.shape[0]
+    L = w_uk.shape[0]
+    ql = rm(engine.contract("bqnp,lnp->bqnl", q_nope, w_uk, a_fmt))
+    q = torch.cat([ql, q_pe], dim=-1)  # [B, Sq, N, L + R]
     kk = rm(lat * scale) if prescale == "k" else lat
-    s = rm(engine.contract("qnd,kd->nqk", q, kk, a_fmt))
+    s = rm(engine.contract("bqnd,bkd->bnqk", q, kk, a_fmt))
     if prescale == "scores":
         s = rm(s * scale)
-    qpos = query_positions(sq, sk, q_offset, q.device)
-    mask = visible(qpos, torch.arange(sk, device=q.device), causal, None)
+    mask = _key_mask(qpos, lat.shape[1], key_len, causal, None)
     p, lse, e, denom = _softmax(s.masked_fill(~mask, float("-inf")), None, dtype, engine)
+    kv_c = lat[..., :L]
     if normalise == "before":
-        o_lat = rm(engine.contract("nqk,kl->qnl", p, kv_c.to(F64), a_fmt))
+        o_lat = rm(engine.contract("bnqk,bkl->bqnl", p, kv_c, a_fmt))
     else:  # unnormalised exponentials in the model dtype, divided by the float32 sum at the end
-        safe = torch.where(denom > 0, denom, torch.ones_like(denom)).transpose(0, 1)[..., None]
-        o_lat = rm(fp.round_to(engine.contract("nqk,kl->qnl", rm(e), kv_c.to(F64), a_fmt) / safe, _fmt(a_fmt)))
-    return rm(engine.contract("qnl,lnv->qnv", o_lat, w_uv.to(F64), a_fmt)), lse
+        safe = torch.where(denom > 0, denom, torch.ones_like(denom)).transpose(-1, -2)[..., None]
+        o_lat = rm(fp.round_to(engine.contract("bnqk,bkl->bqnl", rm(e), kv_c, a_fmt) / safe, _fmt(a_fmt)))
+    return rm(engine.contract("bqnl,lnv->bqnv", o_lat, w_uv, a_fmt)), lse
 
 
 def mla_upproject(kv_c, k_pe, w_uk, w_uv, dtype: torch.dtype = F64, engine=EXACT):
     """Per-head keys [Sk, N, P + R] = [rnd_m(kv_c . w_uk) | k_pe] and values rnd_m(kv_c . w_uv)."""
+    k, v = mla_upproject_batch(kv_c.to(F64)[None], k_pe.to(F64)[None], w_uk.to(F64), w_uv.to(F64), dtype, engine)
+    return k[0], v[0]
+
+
+def mla_upproject_batch(kv_c, k_pe, w_uk, w_uv, dtype: torch.dtype = F64, engine=EXACT):
+    """``mla_upproject`` of B rows: kv_c [B, Sk, L], k_pe [B, Sk, R] -> keys [B, Sk, N, P + R],
+    values [B, Sk, N, V]."""
     m_fmt, a_fmt = _formats(dtype)
-    k_nope = fp.round_to(engine.contract("kl,lnp->knp", kv_c.to(F64), w_uk.to(F64), a_fmt), m_fmt)
-    v = fp.round_to(engine.contract("kl,lnv->knv", kv_c.to(F64), w_uv.to(F64), a_fmt), m_fmt)
-    sk, n = k_nope.shape[:2]
-    return torch.cat([k_nope, k_pe.to(F64)[:, None, :].expand(sk, n, k_pe.shape[-1])], dim=-1), v
+    k_nope = fp.round_to(engine.contract("bkl,lnp->bknp", kv_c, w_uk, a_fmt), m_fmt)
+    v = fp.round_to(engine.contract("bkl,lnv->bknv", kv_c, w_uv, a_fmt), m_fmt)
+    nb, sk, n = k_nope.shape[:3]
+    return torch.cat([k_nope, k_pe[:, :, None, :].expand(nb, sk, n, k_pe.shape[-1])], dim=-1), v
 
 
 def mla_upprojected(q_nope, q_pe, kv_c, k_pe, w_uk, w_uv, *, scale, causal=True, q_offset=None,
                     dtype: torch.dtype = F64, prescale: str = "k", normalise: str = "before", engine=EXACT):
     """Up-projected (prefill) path for one sequence: MHA (``attention``) of [q_nope | q_pe] over
     the up-projected keys and values."""
-    k, v = mla_upproject(kv_c, k_pe, w_uk, w_uv, dtype, engine)
-    q = torch.cat([q_nope, q_pe], dim=-1).to(F64)
-    return attention(q, k, v, scale=scale, causal=causal, q_offset=q_offset, dtype=dtype, prescale=prescale,
-                     normalise=normalise, engine=engine)
+    return _one_sequence(mla_upprojected_batch, q_nope, q_pe, kv_c, k_pe, w_uk, w_uv, q_offset, scale=scale,
+                         causal=causal, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
+
+
+def mla_upprojected_batch(q_nope, q_pe, lat, w_uk, w_uv, qpos, key_len=None, *, scale, causal=True,
+                          dtype: torch.dtype = F64, prescale: str = "k", normalise: str = "before", engine=EXACT):
+    """``mla_upprojected`` of B rows at once (shapes as ``mla_absorbed_batch``)."""
+    L = w_uk.shape[0]
+    k, v = mla_upproject_batch(lat[..., :L], lat[..., L:], w_uk, w_uv, dtype, engine)
+    return attention_batch(torch.cat([q_nope, q_pe], dim=-1), k, v, qpos, key_len, scale=scale, causal=causal,
+                           dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
 
 
 MLA_PATHS = {"absorbed": mla_absorbed, "upprojected": mla_upprojected}
+MLA_BATCH_PATHS = {"absorbed": mla_absorbed_batch, "upprojected": mla_upprojected_batch}
+
+
+def _mla_attend(path: str, w_uk, w_uv, kw: dict):
+    """``chunked_context_batch``'s attend for MLA: queries (q_nope, q_pe), keys (latent,)."""
+    def attend(queries, keys, qpos, key_len, causal):
+        return MLA_BATCH_PATHS[path](*queries, *keys, w_uk, w_uv, qpos, key_len, causal=causal, **kw)
+    return attend
 
 
 def mla_chunked_prefill(q_nope, q_pe, new_kv_c, new_k_pe, ctx_kv_c, ctx_k_pe, w_uk, w_uv, *, scale,
@@ -504,21 +703,15 @@ def mla_chunked_prefill(q_nope, q_pe, new_kv_c, new_k_pe, ctx_kv_c, ctx_k_pe, w_
     """vLLM's prefill with context (reference/mla.py ``chunked_prefill``): the new tokens causal
     over themselves, the context in chunks (non-causal), partials in the model dtype merged in
     order, then merge(prefix=context, suffix=new)."""
-    attend = MLA_PATHS[path]
+    lat = torch.cat([torch.cat([ctx_kv_c, ctx_k_pe], dim=-1), torch.cat([new_kv_c, new_k_pe], dim=-1)]).to(F64)
+    n_ctx, sq = ctx_kv_c.shape[0], q_nope.shape[0]
+    qpos = query_positions(sq, lat.shape[0], None, q_nope.device)[None]
+    lengths = torch.tensor([n_ctx, lat.shape[0]], dtype=torch.int64, device=q_nope.device)
     kw = dict(scale=scale, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
-    out, lse = attend(q_nope, q_pe, new_kv_c, new_k_pe, w_uk, w_uv, causal=True, **kw)
-    n_ctx = ctx_kv_c.shape[0]
-    if n_ctx == 0:
-        return out, lse
-    step = n_ctx if not chunk_tokens else int(chunk_tokens)
-    ctx_out = ctx_lse = None
-    for a in range(0, n_ctx, step):
-        o, l = attend(q_nope, q_pe, ctx_kv_c[a:a + step], ctx_k_pe[a:a + step], w_uk, w_uv, causal=False, **kw)
-        if ctx_out is None:
-            ctx_out, ctx_lse = o, l
-        else:
-            ctx_out, ctx_lse = merge_states(ctx_out, ctx_lse, o, l, dtype, engine)
-    return merge_states(ctx_out, ctx_lse, out, lse, dtype, engine)
+    out, lse = chunked_context_batch(_mla_attend(path, w_uk.to(F64), w_uv.to(F64), kw),
+                                     (q_nope.to(F64)[None], q_pe.to(F64)[None]), (lat[None],), qpos, lengths[:1],
+                                     lengths[1:], chunk_tokens=chunk_tokens, dtype=dtype, engine=engine)
+    return out[0], lse[0]
 
 
 def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, seq_lens, *, scale,
@@ -530,51 +723,50 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
 
     ``path``: "absorbed" (one pass over all keys) or "upprojected"; with ``new_kv_c``/``new_k_pe``
     the new tokens come from those instead of the cache, and ``context_chunk_tokens`` chunks the
-    context as vLLM's prefill does (``mla_chunked_prefill``); without chunking, ``block_m``
-    takes the queries that many at a time (memory only). Returns (out [T, N, V], lse [N, T])
-    float64, plus ``lse_sensitivity`` [N, T] if ``with_lse_sensitivity``: the larger of the two
-    paths' (the query operand is [ql | q_pe] over the latent, or [q_nope | q_pe] over the
-    up-projected keys; the scores are the same).
+    context as vLLM's prefill does (``mla_chunked_prefill``); ``block_m`` (FAST engine) takes
+    the queries that many at a time and computes blocks of several sequences together (memory and
+    launches only). Returns (out [T, N, V], lse [N, T]) float64, plus ``lse_sensitivity`` [N, T] if
+    ``with_lse_sensitivity``: the larger of the two paths' (the query operand is [ql | q_pe] over
+    the latent, or [q_nope | q_pe] over the up-projected keys; the scores are the same).
     """
-    L = w_uk.shape[0]
     m_fmt, _ = _formats(dtype)
     T, N = q_nope.shape[:2]
-    out = torch.zeros(T, N, w_uv.shape[-1], dtype=F64, device=q_nope.device)
-    lse = torch.full((N, T), float("-inf"), dtype=F64, device=q_nope.device)
-    sensitivity = torch.zeros(N, T, dtype=F64, device=q_nope.device)
+    dev = q_nope.device
+    out = torch.zeros(T, N, w_uv.shape[-1], dtype=F64, device=dev)
+    lse = torch.full((N, T), float("-inf"), dtype=F64, device=dev)
+    sensitivity = torch.zeros(N, T, dtype=F64, device=dev)
     qn, qp = fp.round_to(q_nope.to(F64), m_fmt), fp.round_to(q_pe.to(F64), m_fmt)
     wk, wv = fp.round_to(w_uk.to(F64), m_fmt), fp.round_to(w_uv.to(F64), m_fmt)
     kw = dict(scale=scale, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
-    qsl = [int(x) for x in query_start_loc.tolist()]
-    for b, s_len in enumerate(int(x) for x in seq_lens.tolist()):
-        a, e = qsl[b], qsl[b + 1]
-        ctx = s_len - (e - a)
-        lat = _gather(kv_cache, block_table[b], 0, s_len, kv_scale, m_fmt)
-        if new_kv_c is not None:
-            new = torch.cat([new_kv_c[a:e], new_k_pe[a:e]], dim=-1).to(F64)
-            lat = torch.cat([lat[:ctx], fp.round_to(new, m_fmt)])
+    new = None if new_kv_c is None else torch.cat([new_kv_c, new_k_pe], dim=-1)
+    key_elements = N * (w_uk.shape[2] + q_pe.shape[2] + w_uv.shape[2]) + kv_cache.shape[2]  # up-projected K, V; latent
+    for rows in _row_blocks(query_start_loc, seq_lens, block_m, engine, dev, N, key_elements):
+        fresh = dict(new=new, new_from=rows.ctx, q0=rows.q0) if new is not None else {}
+        lat = _gather_keys(kv_cache, block_table, rows.seq, torch.zeros_like(rows.seq), rows.seq_len, kv_scale,
+                           m_fmt, **fresh)
+        index, valid = rows.query_index()
+        queries, qpos = (qn[index], qp[index]), rows.positions()
         if context_chunk_tokens is not None:
-            out[a:e], lse[:, a:e] = mla_chunked_prefill(qn[a:e], qp[a:e], lat[ctx:, :L], lat[ctx:, L:], lat[:ctx, :L],
-                                                        lat[:ctx, L:], wk, wv, chunk_tokens=context_chunk_tokens,
-                                                        path=path, **kw)
-        step = (e - a) if block_m is None else int(block_m)
-        for m0 in range(a, e, step):
-            m1 = min(m0 + step, e)
-            where = dict(causal=True, q_offset=ctx + (m0 - a))
-            if context_chunk_tokens is None:
-                out[m0:m1], lse[:, m0:m1] = MLA_PATHS[path](qn[m0:m1], qp[m0:m1], lat[:, :L], lat[:, L:], wk, wv,
-                                                            **where, **kw)
-            if with_lse_sensitivity:
-                sensitivity[:, m0:m1] = _mla_lse_sensitivity(qn[m0:m1], qp[m0:m1], lat[:, :L], lat[:, L:], wk, wv,
-                                                             scale, engine, where["q_offset"])
+            o, l = chunked_context_batch(_mla_attend(path, wk, wv, kw), queries, (lat,), qpos, rows.ctx, rows.seq_len,
+                                         chunk_tokens=context_chunk_tokens, dtype=dtype, engine=engine,
+                                         key_elements=key_elements)
+        else:
+            o, l = MLA_BATCH_PATHS[path](*queries, lat, wk, wv, qpos, rows.seq_len, causal=True, **kw)
+        target = index[valid]
+        out[target] = o[valid]
+        lse[:, target] = l.permute(1, 0, 2)[:, valid]
+        if with_lse_sensitivity:
+            sensitivity[:, target] = _mla_lse_sensitivity(*queries, lat, wk, wv, scale, engine, qpos,
+                                                          rows.seq_len).permute(1, 0, 2)[:, valid]
     return (out, lse, sensitivity) if with_lse_sensitivity else (out, lse)
 
 
-def _mla_lse_sensitivity(q_nope, q_pe, kv_c, k_pe, w_uk, w_uv, scale, engine, q_offset):
-    """[N, Sq]: the larger ``lse_sensitivity`` of the absorbed and the up-projected path."""
-    ql = engine.contract("qnp,lnp->qnl", q_nope, w_uk, None)
-    absorbed = lse_sensitivity(torch.cat([ql, q_pe], dim=-1), torch.cat([kv_c, k_pe], dim=-1)[:, None, :],
-                               scale=scale, q_offset=q_offset, engine=engine)
-    k_up, _ = mla_upproject(kv_c, k_pe, w_uk, w_uv, F64, engine)
-    up = lse_sensitivity(torch.cat([q_nope, q_pe], dim=-1), k_up, scale=scale, q_offset=q_offset, engine=engine)
+def _mla_lse_sensitivity(q_nope, q_pe, lat, w_uk, w_uv, scale, engine, qpos, key_len):
+    """[B, N, Sq]: the larger ``lse_sensitivity`` of the absorbed and the up-projected path."""
+    L = w_uk.shape[0]
+    ql = engine.contract("bqnp,lnp->bqnl", q_nope, w_uk, None)
+    absorbed = lse_sensitivity_batch(torch.cat([ql, q_pe], dim=-1), lat[:, :, None, :], qpos, key_len, scale=scale,
+                                     engine=engine)
+    k_up, _ = mla_upproject_batch(lat[..., :L], lat[..., L:], w_uk, w_uv, F64, engine)
+    up = lse_sensitivity_batch(torch.cat([q_nope, q_pe], dim=-1), k_up, qpos, key_len, scale=scale, engine=engine)
     return torch.maximum(absorbed, up)

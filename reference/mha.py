@@ -64,8 +64,8 @@ def query_positions(num_queries: int, num_keys: int, q_offset: Optional[int], de
 
 
 def visible(qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, sliding_window: Optional[int]) -> torch.Tensor:
-    """bool [M, N]: may query (at qpos) see key (at kpos)?"""
-    dist = qpos[:, None] - kpos[None, :]  # how far back the key is
+    """bool [..., M, N]: may query (at qpos [..., M]) see key (at kpos [..., N])?"""
+    dist = qpos[..., :, None] - kpos[..., None, :]  # how far back the key is
     ok = torch.ones_like(dist, dtype=torch.bool)
     if causal:
         ok &= dist >= 0
