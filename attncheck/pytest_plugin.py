@@ -22,9 +22,10 @@ the time went (the JSON always has it: ``attncheck.timing``).
 
 All GPUs: under pytest-xdist each worker is pinned to one GPU before CUDA starts (worker gwN ->
 visible GPU N mod count), and ``-n auto`` with a CUDA device means GPUs x
-``--attncheck-workers-per-gpu`` workers. Items carry an ``xdist_group`` per case, so
-``--dist loadgroup`` (what ``attncheck verify`` uses) keeps a case's backends on one worker and
-its live oracle is built once.
+``--attncheck-workers-per-gpu`` workers. With ``--dist loadgroup`` (what ``attncheck verify``
+uses) the suite schedules by case (a sweep: by shape class, ``sweep.worker_group``): a case's
+backends run on one worker and its live oracle is built once, and a sweep's kernel
+specialisations are compiled by one worker each (``pytest_xdist_make_scheduler``).
 
 The items hang from the session, not from a file: ``attncheck::TRITON_ATTN[decode-h8x2-...]``.
 A project can add the suite to its own full runs with the ini setting
@@ -41,6 +42,7 @@ where attncheck is installed, and does its work only when asked.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -154,6 +156,40 @@ def pytest_configure_node(node):
     clock = node.config.stash.get(_CLOCK, None)
     if clock and clock.get("deadline"):
         node.workerinput["attncheck_deadline"] = clock["deadline"]
+
+
+_ITEM_CASE = re.compile(r"(?:^|::)attncheck::[^\[]+\[(.+)\](?:@.*)?$")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: xdist's scheduling with this suite's groups, so a case's backends run
+    on one worker (its live oracle is built once) and a sweep's shape class runs on one worker
+    (its kernel specialisations are compiled once, ``sweep.worker_group``). The groups come from
+    the node ids, not from ``xdist_group`` marks: xdist 3.8 marks a group by rewriting an item's
+    node id, which pytest 9 ignores. Other tests keep xdist's own grouping."""
+    if not suite_requested(config) or config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    group_of = case_group(config)
+
+    class CaseGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            match = _ITEM_CASE.search(nodeid)
+            return group_of(match.group(1)) if match else super()._split_scope(nodeid)
+
+    return CaseGroupScheduling(config, log)
+
+
+def case_group(config):
+    """case name -> the worker group of its items (the case; a sweep configuration: its class)."""
+    from attncheck import sweep
+
+    if setup_run(config).tier != "sweep":
+        return lambda name: name
+    _, _, sizes, shapes, _ = sweep_plan(config)
+    return lambda name: sweep.worker_group(sweep.case_from_name(name, sizes, shapes))
 
 
 def setup_run(config, suite: bool = False):
@@ -283,13 +319,10 @@ class GoldenSuite(pytest.Collector):
             kinds = {name: backends.kind_of(name) for name in chosen}
             # an MHA backend is never paired with an MLA case, and vice versa
             pairs = [(case, name) for case in rows for name in chosen if kinds[name] in (None, case.kind)]
-        grouped = self.config.pluginmanager.hasplugin("xdist")
         for case, name in pairs:
             item = BackendCaseItem.from_parent(self, name=f"{name}[{case.name}]", backend=name, case=case.name,
                                                case_obj=case if settings.tier == "sweep" else None)
             item.add_marker(getattr(pytest.mark, case.tier))
-            if grouped:
-                item.add_marker(pytest.mark.xdist_group(case.name))
             yield item
 
 

@@ -523,6 +523,13 @@ def class_key(case) -> tuple:
             case.kv_cache_dtype, case.causal, case.sliding_window, case.softcap, case.alibi, case.sinks, case.scale)
 
 
+def worker_group(case) -> str:
+    """The pytest-xdist group of a sweep configuration: its shape class. A class's configurations
+    (and all their backends) run on one worker, so each kernel specialisation is compiled by one
+    process instead of by every worker that meets the class, and each oracle is built once."""
+    return "sweep-class:" + ":".join(map(str, class_key(case)))
+
+
 # ---- coverage --------------------------------------------------------------------------------
 
 def axis_values(case, sizes: Sizes) -> dict:

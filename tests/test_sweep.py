@@ -244,6 +244,38 @@ def test_time_budget_stops_cleanly_and_says_what_ran(tmp_path, workers):
     assert "time budget 1 s reached" in r.stdout
 
 
+def test_each_shape_class_runs_on_one_worker(tmp_path):
+    """Under xdist a shape class is one group: its kernel specialisations are compiled by one
+    worker, not by every worker that meets the class (sweep.worker_group)."""
+    out = tmp_path / "v.json"
+    r = attncheck("verify", "--device", "cpu", "--tier", "sweep", "--count", "14", "--shapes", "2", "--backend",
+                  "TORCH_SDPA", "TRITON_ATTN", "--provider", "stand-in", "-n", "2", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    workers_of_class, configs_of_class = {}, {}
+    for v in json.loads(out.read_text())["verdicts"]:
+        key = sweep.class_key(sweep.case_from_name(v["case"], SMALL, shapes=2))
+        workers_of_class.setdefault(key, set()).add(v["timings"]["worker"])
+        configs_of_class.setdefault(key, set()).add(v["case"])
+    assert len(set().union(*workers_of_class.values())) == 2, "both workers ran checks"
+    assert max(len(c) for c in configs_of_class.values()) >= 3, "classes with several configurations"
+    assert all(len(w) == 1 for w in workers_of_class.values()), workers_of_class
+
+
+def test_a_cases_backends_run_on_one_worker(tmp_path):
+    """Outside the sweep the group is the case (a live case's oracle is built once per case)."""
+    out = tmp_path / "v.json"
+    names = ["decode-h8x2-d64-bs16-bf16", "decode-h8x2-d128-bs16-fp16-window7", "extend-h8x2-d64-bs16-bf16-chunks1",
+             "extend-h8x2-d64-bs16-bf16-chunks2"]
+    r = attncheck("verify", "--device", "cpu", "--case", *names, "--backend", "TORCH_SDPA", "TRITON_ATTN",
+                  "--provider", "stand-in", "-n", "2", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    workers = {}
+    for v in json.loads(out.read_text())["verdicts"]:
+        workers.setdefault(v["case"], []).append(v["timings"]["worker"])
+    assert sorted(workers) == sorted(names) and all(len(w) == 2 for w in workers.values())
+    assert all(len(set(w)) == 1 for w in workers.values()), workers
+
+
 # ---- all GPUs: pinning and -n auto ------------------------------------------------------------------
 
 @pytest.mark.parametrize("visible, worker, expect", [("0,1", "gw0", "0"), ("0,1", "gw3", "1"), ("4,5,6", "gw4", "5"),
