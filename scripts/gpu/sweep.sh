@@ -9,6 +9,8 @@
 #   all    the same sweep on every visible GPU (-n auto)
 #   draws  live inputs (CounterDraws) built on the GPU equal the same cases built on the CPU
 #   profile  one process (-n 0) under cProfile for CAP seconds: where a check's time goes
+#   steady   one process, SHAPES (default 2) shape classes so compilation ends early, CAP seconds:
+#            the mean cost per phase of a check that compiled nothing (scripts/gpu/steady_state.py)
 #
 # Each part starts with empty Triton and Inductor caches, so every part pays its own
 # compilations (a cache warmed by an earlier part would flatter a later one). Logs and JSON go
@@ -136,6 +138,10 @@ PY
              python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('cumulative').print_stats(45); s.sort_stats('tottime').print_stats(30)" \
                "$OUT/profile.pstats" > "$OUT/profile.txt" 2>&1; rm -f "$OUT/profile.pstats"
              sed -n '/attncheck: \(sweep\|where the time went\) =/,$p' "$OUT/profile.log" | head -30) ;;
-    *) echo "unknown part $part (smoke | one | all | draws | profile)"; exit 2 ;;
+    steady) (export CUDA_VISIBLE_DEVICES=0
+             run_part steady --tier sweep --seed "$SEED" --count "$COUNT" --max-seconds "$CAP" -n 0 \
+               --shapes "${SHAPES:-2}" ${EXTRA[@]+"${EXTRA[@]}"}
+             python3 scripts/gpu/steady_state.py <(gzip -dc "$OUT/steady.json.gz")) ;;
+    *) echo "unknown part $part (smoke | one | all | draws | profile | steady)"; exit 2 ;;
   esac
 done
