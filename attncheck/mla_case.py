@@ -15,7 +15,10 @@ DeepSeek-style MLA batch ``impl.batch.MLABatch``:
   the absorbed path with every key from the cache, and the up-projected path with the new tokens
   from the raw ``kv_c``/``k_pe`` as vLLM's prefill does, the context from the dequantised cache,
   chunked like the case. The pt variants are both pipelines in both op orders, each against its
-  own float64 result; with an fp8 cache the two pipelines' exact difference is the pipeline term.
+  own float64 result with the projections (ql, o_lat; the up-projected K and V) written in the
+  model dtype, as every implementation writes them; each such pipeline's difference from the
+  reference is the pipeline term (with an fp8 cache it also holds the quantisation of the new
+  tokens).
   Everything stored comes from reference.emulated's EXACT engine (the same bytes on any machine).
 
 Scale: the layer scale ``(P + R) ** -0.5 * mscale(rope_factor) ** 2`` (DeepSeek-V3: YaRN factor
@@ -101,7 +104,9 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     """Reference outputs (float64, absorbed path over the cache after the write) and the budgets:
     pt variants = {absorbed from the cache, up-projected with the raw new tokens and the context
     chunked like the case} x {K pre-scaled, scores scaled} x {normalised before P.V, after}, each
-    against its own float64 result."""
+    against the float64 result of its own pipeline with the projections written in the model dtype
+    (ql and o_lat; the up-projected K and V): every implementation attends over those, so their
+    rounding is the pipeline's, not noise one pt realisation may or may not show."""
     dev = torch.device(compute_device)
     t = {k: v.to(dev) for k, v in tensors.items()}
     cache = t["kv_cache"].clone()
@@ -112,18 +117,20 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     live = dict(block_m=None if engine is em.EXACT else LIVE_BLOCK_M)
     ref_out, ref_lse, sensitivity = em.paged_mla(*batch, **common, **live, path="absorbed",
                                                  with_lse_sensitivity=True)
+    absorbed = dict(path="absorbed", **live)
     prefill = dict(path="upprojected", new_kv_c=t["kv_c"], new_k_pe=t["k_pe"],
                    context_chunk_tokens=case.context_chunk_tokens)
     if case.context_chunk_tokens is None:
         prefill.update(live)
-    exact_prefill = em.paged_mla(*batch, **common, **prefill)
+    model_projections = dict(projections=case.torch_dtype)
+    exact = [em.paged_mla(*batch, **common, **path, **model_projections) for path in (absorbed, prefill)]
     variants = []
-    for extra, exact in (({"path": "absorbed", **live}, (ref_out, ref_lse)), (prefill, exact_prefill)):
+    for extra, exact_of_path in zip((absorbed, prefill), exact):
         for prescale, normalise in itertools.product(em.PRESCALES, em.NORMALISES):
             pt = em.paged_mla(*batch, **common, **extra, dtype=case.torch_dtype, prescale=prescale,
                               normalise=normalise)
-            variants.append((*pt, *exact))
-    out = budgets.assemble((ref_out, ref_lse), variants, [exact_prefill],
+            variants.append((*pt, *exact_of_path))
+    out = budgets.assemble((ref_out, ref_lse), variants, exact,
                            budgets.lse_step(sensitivity, case.torch_dtype),
                            case.torch_dtype, fixed_order=engine is em.EXACT)
     L, R = case.kv_lora_rank, case.rope_dim

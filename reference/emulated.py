@@ -629,14 +629,18 @@ def _one_sequence(batched, q_nope, q_pe, kv_c, k_pe, w_uk, w_uv, q_offset, **kw)
 
 
 def mla_absorbed_batch(q_nope, q_pe, lat, w_uk, w_uv, qpos, key_len=None, *, scale, causal=True,
-                       dtype: torch.dtype = F64, prescale: str = "k", normalise: str = "before", engine=EXACT):
+                       dtype: torch.dtype = F64, prescale: str = "k", normalise: str = "before", engine=EXACT,
+                       projections: Optional[torch.dtype] = None):
     """``mla_absorbed`` of B rows at once: q_nope [B, Sq, N, P], q_pe [B, Sq, N, R] at positions
     qpos [B, Sq], the latent lat [B, Sk, L + R] ([kv_c | k_pe]; keys j >= key_len[b] are padding).
-    Returns (out [B, Sq, N, V], lse [B, N, Sq])."""
+    Returns (out [B, Sq, N, V], lse [B, N, Sq]). ``projections``: the dtype ql and o_lat are
+    written in (default ``dtype``; a float64 pipeline with model-dtype projections is what every
+    implementation computes before its own arithmetic)."""
     m_fmt, a_fmt = _formats(dtype)
     rm = lambda x: fp.round_to(x, m_fmt)  # noqa: E731
+    rp = lambda x: fp.round_to(x, _projection_format(dtype, projections))  # noqa: E731
     L = w_uk.shape[0]
-    ql = rm(engine.contract("bqnp,lnp->bqnl", q_nope, w_uk, a_fmt))
+    ql = rp(engine.contract("bqnp,lnp->bqnl", q_nope, w_uk, a_fmt))
     q = torch.cat([ql, q_pe], dim=-1)  # [B, Sq, N, L + R]
     kk = rm(lat * scale) if prescale == "k" else lat
     s = rm(engine.contract("bqnd,bkd->bnqk", q, kk, a_fmt))
@@ -646,10 +650,10 @@ def mla_absorbed_batch(q_nope, q_pe, lat, w_uk, w_uv, qpos, key_len=None, *, sca
     p, lse, e, denom = _softmax(s.masked_fill(~mask, float("-inf")), None, dtype, engine)
     kv_c = lat[..., :L]
     if normalise == "before":
-        o_lat = rm(engine.contract("bnqk,bkl->bqnl", p, kv_c, a_fmt))
+        o_lat = rp(engine.contract("bnqk,bkl->bqnl", p, kv_c, a_fmt))
     else:  # unnormalised exponentials in the model dtype, divided by the float32 sum at the end
         safe = torch.where(denom > 0, denom, torch.ones_like(denom)).transpose(-1, -2)[..., None]
-        o_lat = rm(fp.round_to(engine.contract("bnqk,bkl->bqnl", rm(e), kv_c, a_fmt) / safe, _fmt(a_fmt)))
+        o_lat = rp(fp.round_to(engine.contract("bnqk,bkl->bqnl", rm(e), kv_c, a_fmt) / safe, _fmt(a_fmt)))
     return rm(engine.contract("bqnl,lnv->bqnv", o_lat, w_uv, a_fmt)), lse
 
 
@@ -659,12 +663,14 @@ def mla_upproject(kv_c, k_pe, w_uk, w_uv, dtype: torch.dtype = F64, engine=EXACT
     return k[0], v[0]
 
 
-def mla_upproject_batch(kv_c, k_pe, w_uk, w_uv, dtype: torch.dtype = F64, engine=EXACT):
+def mla_upproject_batch(kv_c, k_pe, w_uk, w_uv, dtype: torch.dtype = F64, engine=EXACT,
+                        projections: Optional[torch.dtype] = None):
     """``mla_upproject`` of B rows: kv_c [B, Sk, L], k_pe [B, Sk, R] -> keys [B, Sk, N, P + R],
-    values [B, Sk, N, V]."""
-    m_fmt, a_fmt = _formats(dtype)
-    k_nope = fp.round_to(engine.contract("bkl,lnp->bknp", kv_c, w_uk, a_fmt), m_fmt)
-    v = fp.round_to(engine.contract("bkl,lnv->bknv", kv_c, w_uv, a_fmt), m_fmt)
+    values [B, Sk, N, V], written in ``projections`` (default ``dtype``)."""
+    _, a_fmt = _formats(dtype)
+    p_fmt = _projection_format(dtype, projections)
+    k_nope = fp.round_to(engine.contract("bkl,lnp->bknp", kv_c, w_uk, a_fmt), p_fmt)
+    v = fp.round_to(engine.contract("bkl,lnv->bknv", kv_c, w_uv, a_fmt), p_fmt)
     nb, sk, n = k_nope.shape[:3]
     return torch.cat([k_nope, k_pe[:, :, None, :].expand(nb, sk, n, k_pe.shape[-1])], dim=-1), v
 
@@ -678,12 +684,19 @@ def mla_upprojected(q_nope, q_pe, kv_c, k_pe, w_uk, w_uv, *, scale, causal=True,
 
 
 def mla_upprojected_batch(q_nope, q_pe, lat, w_uk, w_uv, qpos, key_len=None, *, scale, causal=True,
-                          dtype: torch.dtype = F64, prescale: str = "k", normalise: str = "before", engine=EXACT):
-    """``mla_upprojected`` of B rows at once (shapes as ``mla_absorbed_batch``)."""
+                          dtype: torch.dtype = F64, prescale: str = "k", normalise: str = "before", engine=EXACT,
+                          projections: Optional[torch.dtype] = None):
+    """``mla_upprojected`` of B rows at once (shapes and ``projections`` as ``mla_absorbed_batch``:
+    here the up-projected keys and values)."""
     L = w_uk.shape[0]
-    k, v = mla_upproject_batch(lat[..., :L], lat[..., L:], w_uk, w_uv, dtype, engine)
+    k, v = mla_upproject_batch(lat[..., :L], lat[..., L:], w_uk, w_uv, dtype, engine, projections)
     return attention_batch(torch.cat([q_nope, q_pe], dim=-1), k, v, qpos, key_len, scale=scale, causal=causal,
                            dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
+
+
+def _projection_format(dtype: torch.dtype, projections: Optional[torch.dtype]) -> Optional[fp.Format]:
+    """The format MLA's projections are written in: ``projections``, else the model dtype's."""
+    return fp.format_of(dtype if projections is None else projections)
 
 
 MLA_PATHS = {"absorbed": mla_absorbed, "upprojected": mla_upprojected}
@@ -718,16 +731,18 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
               kv_scale=1.0, path="absorbed", dtype: torch.dtype = F64, prescale: str = "k",
               normalise: str = "before", new_kv_c=None,
               new_k_pe=None, context_chunk_tokens: Optional[int] = None, engine=EXACT,
-              block_m: Optional[int] = None, with_lse_sensitivity=False):
+              block_m: Optional[int] = None, with_lse_sensitivity=False, projections: Optional[torch.dtype] = None):
     """MLA over a paged batch whose latent cache holds every key (reference/mla.py ``paged_mla``).
 
     ``path``: "absorbed" (one pass over all keys) or "upprojected"; with ``new_kv_c``/``new_k_pe``
     the new tokens come from those instead of the cache, and ``context_chunk_tokens`` chunks the
     context as vLLM's prefill does (``mla_chunked_prefill``); ``block_m`` (FAST engine) takes
     the queries that many at a time and computes blocks of several sequences together (memory and
-    launches only). Returns (out [T, N, V], lse [N, T]) float64, plus ``lse_sensitivity`` [N, T] if
-    ``with_lse_sensitivity``: the larger of the two paths' (the query operand is [ql | q_pe] over
-    the latent, or [q_nope | q_pe] over the up-projected keys; the scores are the same).
+    launches only); ``projections``: the dtype the path's projections are written in (default
+    ``dtype``; ``mla_absorbed_batch``). Returns (out [T, N, V], lse [N, T]) float64, plus
+    ``lse_sensitivity`` [N, T] if ``with_lse_sensitivity``: the larger of the two paths' (the
+    query operand is [ql | q_pe] over the latent, or [q_nope | q_pe] over the up-projected keys;
+    the scores are the same).
     """
     m_fmt, _ = _formats(dtype)
     T, N = q_nope.shape[:2]
@@ -737,7 +752,7 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
     sensitivity = torch.zeros(N, T, dtype=F64, device=dev)
     qn, qp = fp.round_to(q_nope.to(F64), m_fmt), fp.round_to(q_pe.to(F64), m_fmt)
     wk, wv = fp.round_to(w_uk.to(F64), m_fmt), fp.round_to(w_uv.to(F64), m_fmt)
-    kw = dict(scale=scale, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine)
+    kw = dict(scale=scale, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine, projections=projections)
     new = None if new_kv_c is None else torch.cat([new_kv_c, new_k_pe], dim=-1)
     key_elements = N * (w_uk.shape[2] + q_pe.shape[2] + w_uv.shape[2]) + kv_cache.shape[2]  # up-projected K, V; latent
     for rows in _row_blocks(query_start_loc, seq_lens, block_m, engine, dev, N, key_elements):
