@@ -175,11 +175,39 @@ def pytest_xdist_make_scheduler(config, log):
     group_of = case_group(config)
 
     class CaseGroupScheduling(LoadGroupScheduling):
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            self.started, self.ran = set(), {}  # classes given to any worker; per worker
+
         def _split_scope(self, nodeid: str) -> str:
             match = _ITEM_CASE.search(nodeid)
             return group_of(match.group(1)) if match else super()._split_scope(nodeid)
 
+        def _assign_work_unit(self, node) -> None:  # xdist pops the first group of its queue
+            mine = self.ran.setdefault(node, set())
+            scope = next_group(list(self.workqueue), self.started, mine)
+            self.workqueue.move_to_end(scope, last=False)
+            self.started.add(group_class(scope))
+            mine.add(group_class(scope))
+            super()._assign_work_unit(node)
+
     return CaseGroupScheduling(config, log)
+
+
+def group_class(group: str) -> str:
+    """The shape class of a sweep worker group (``CLASS#BLOCK``); any other group is its own."""
+    return group.split("#", 1)[0]
+
+
+def next_group(queue: list, started: set, mine: set) -> str:
+    """The group a free worker takes next: the first queued group of a class no worker has
+    started (a time-capped sweep reaches every class), else the first of a class this worker has
+    run (its kernels are compiled here already), else the first in the queue."""
+    for wanted in (lambda c: c not in started, lambda c: c in mine):
+        for group in queue:
+            if wanted(group_class(group)):
+                return group
+    return queue[0]
 
 
 def case_group(config):

@@ -523,11 +523,18 @@ def class_key(case) -> tuple:
             case.kv_cache_dtype, case.causal, case.sliding_window, case.softcap, case.alibi, case.sinks, case.scale)
 
 
+GROUP_SPAN = 400  # a worker group: one shape class's configurations among this many consecutive indices
+
+
 def worker_group(case) -> str:
-    """The pytest-xdist group of a sweep configuration: its shape class. A class's configurations
-    (and all their backends) run on one worker, so each kernel specialisation is compiled by one
-    process instead of by every worker that meets the class, and each oracle is built once."""
-    return "sweep-class:" + ":".join(map(str, class_key(case)))
+    """The pytest-xdist group of a sweep configuration: its shape class, and which GROUP_SPAN
+    block of indices it is in (``CLASS#BLOCK``). A group's configurations and all their backends
+    run on one worker, and the scheduler (``attncheck.pytest_plugin.next_group``) gives every
+    class a worker before any class gets a second one and then keeps a worker on the classes it
+    has compiled: each kernel specialisation is compiled by few processes, not by every worker,
+    and a time-capped run still reaches every class."""
+    block = parse_name(case.name)[1] // GROUP_SPAN
+    return "sweep-class:" + ":".join(map(str, class_key(case))) + f"#{block}"
 
 
 # ---- coverage --------------------------------------------------------------------------------

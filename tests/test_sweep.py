@@ -261,6 +261,18 @@ def test_each_shape_class_runs_on_one_worker(tmp_path):
     assert all(len(w) == 1 for w in workers_of_class.values()), workers_of_class
 
 
+def test_a_free_worker_takes_an_unstarted_class_then_one_it_has_compiled():
+    queue = ["A#0", "A#1", "B#0", "B#1", "C#0"]
+    assert pytest_plugin.next_group(queue, started=set(), mine=set()) == "A#0"
+    assert pytest_plugin.next_group(queue[1:], started={"A"}, mine=set()) == "B#0"  # every class first
+    assert pytest_plugin.next_group(["A#1", "B#1"], started={"A", "B", "C"}, mine={"B"}) == "B#1"  # then its own
+    assert pytest_plugin.next_group(["A#1", "B#1"], started={"A", "B"}, mine={"C"}) == "A#1"
+    assert pytest_plugin.next_group(["case-x", "case-y"], started={"case-x"}, mine=set()) == "case-y"
+    many = [sweep.worker_group(c) for c in sweep.configs(1, 2 * sweep.GROUP_SPAN, SMALL)]
+    assert len({pytest_plugin.group_class(g) for g in many}) == SMALL.mha_classes + SMALL.mla_classes
+    assert len(set(many)) == 2 * len({pytest_plugin.group_class(g) for g in many})  # two blocks per class
+
+
 def test_a_cases_backends_run_on_one_worker(tmp_path):
     """Outside the sweep the group is the case (a live case's oracle is built once per case)."""
     out = tmp_path / "v.json"
