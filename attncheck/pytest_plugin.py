@@ -23,9 +23,9 @@ the time went (the JSON always has it: ``attncheck.timing``).
 All GPUs: under pytest-xdist each worker is pinned to one GPU before CUDA starts (worker gwN ->
 visible GPU N mod count), and ``-n auto`` with a CUDA device means GPUs x
 ``--attncheck-workers-per-gpu`` workers. With ``--dist loadgroup`` (what ``attncheck verify``
-uses) the suite schedules by case (a sweep: by shape class, ``sweep.worker_group``): a case's
-backends run on one worker and its live oracle is built once, and a sweep's kernel
-specialisations are compiled by one worker each (``pytest_xdist_make_scheduler``).
+uses) the suite schedules by case (a sweep: by shape class and block of indices,
+``sweep.worker_group``): a case's backends run on one worker and its live oracle is built once,
+and a sweep's kernel specialisations are compiled by few workers (``pytest_xdist_make_scheduler``).
 
 The items hang from the session, not from a file: ``attncheck::TRITON_ATTN[decode-h8x2-...]``.
 A project can add the suite to its own full runs with the ini setting
@@ -164,8 +164,8 @@ _ITEM_CASE = re.compile(r"(?:^|::)attncheck::[^\[]+\[(.+)\](?:@.*)?$")
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadgroup``: xdist's scheduling with this suite's groups, so a case's backends run
-    on one worker (its live oracle is built once) and a sweep's shape class runs on one worker
-    (its kernel specialisations are compiled once, ``sweep.worker_group``). The groups come from
+    on one worker (its live oracle is built once) and a sweep's group (``sweep.worker_group``) on one
+    worker, assigned by ``next_group`` so that few workers compile each class. The groups come from
     the node ids, not from ``xdist_group`` marks: xdist 3.8 marks a group by rewriting an item's
     node id, which pytest 9 ignores. Other tests keep xdist's own grouping."""
     if not suite_requested(config) or config.getvalue("dist") != "loadgroup":
@@ -211,7 +211,7 @@ def next_group(queue: list, started: set, mine: set) -> str:
 
 
 def case_group(config):
-    """case name -> the worker group of its items (the case; a sweep configuration: its class)."""
+    """case name -> the worker group of its items (the case; a sweep configuration: ``sweep.worker_group``)."""
     from attncheck import sweep
 
     if setup_run(config).tier != "sweep":

@@ -372,10 +372,19 @@ class _Rows:
         valid = j < self.count[:, None]
         return self.first[:, None] + torch.minimum(j, self.count[:, None] - 1), valid
 
-    def positions(self):
-        """[B, M]: each row's position in its sequence (context first)."""
-        rows, _ = self.query_index()
+    def positions(self, rows):
+        """[B, M]: the position in its sequence (context first) of each row of ``query_index``."""
         return self.ctx[:, None] + (rows - self.q0[:, None])
+
+
+def _put_rows(dest, x, index, valid) -> None:
+    """dest [T, ...] at the batch's rows (``_Rows.query_index``) = x [B, M, ...], padding dropped."""
+    dest[index[valid]] = x[valid]
+
+
+def _put_columns(dest, x, index, valid) -> None:
+    """dest [H, T] at the batch's rows = x [B, H, M] (an LSE or a sensitivity), padding dropped."""
+    dest[:, index[valid]] = x.permute(1, 0, 2)[:, valid]
 
 
 def _row_blocks(query_start_loc, seq_lens, block_m, engine, device, heads: int, key_elements: int) -> list:
@@ -409,27 +418,36 @@ def _row_blocks(query_start_loc, seq_lens, block_m, engine, device, heads: int, 
     return [_Rows(*map(as_tensor, zip(*g))) for g in groups]
 
 
-def _gather_keys(cache, block_table, seq, start, length, scale, m_fmt, new=None, new_from=None, q0=None):
-    """[B, max(length), Hkv, D] float64 (MLA: [B, max(length), L + R]): tokens start[i] ..
-    start[i] + length[i] - 1 of sequence seq[i] from the paged cache, dequantised into the model
-    format (fp8: rnd_m(stored * scale)), 0 beyond length[i]. With ``new`` ([T, ...], the batch's
-    new tokens), tokens at or after ``new_from[i]`` are new token q0[i] + (position - new_from[i])
-    of ``new`` rounded to the model format instead (read before, or without, the cache)."""
+def _span(start, length):
+    """(positions [B, max(length)], valid [B, max(length)]): start[i] + j for j < length[i], 0 beyond."""
     n = int(length.max()) if length.numel() else 0
-    j = torch.arange(n, device=cache.device)
+    j = torch.arange(n, device=start.device)
     valid = j < length[:, None]
-    pos = torch.where(valid, start[:, None] + j, torch.zeros_like(j))
+    return torch.where(valid, start[:, None] + j, torch.zeros_like(j)), valid
+
+
+def _zero_beyond(x, valid):
+    """x [B, N, ...] with 0 where ``valid`` [B, N] is False (padded keys are exact zeros)."""
+    return torch.where(valid[(...,) + (None,) * (x.dim() - 2)], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _gather_keys(cache, block_table, seq, length, scale, m_fmt, new=None, new_from=None, q0=None):
+    """[B, max(length), Hkv, D] float64 (MLA: [B, max(length), L + R]): the first length[i]
+    tokens of sequence seq[i] from the paged cache, dequantised into the model format (fp8:
+    rnd_m(stored * scale)), 0 beyond length[i]. With ``new`` ([T, ...], the batch's new tokens),
+    tokens at or after ``new_from[i]`` are new token q0[i] + (position - new_from[i]) of ``new``
+    rounded to the model format instead (read before, or without, the cache)."""
+    pos, valid = _span(torch.zeros_like(length), length)
     bs = cache.shape[1]
     blocks = block_table.to(cache.device).long()[seq[:, None], pos // bs]
     x = cache[blocks, pos % bs].to(F64)
     if cache.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
         x = fp.round_to(x * float(scale), m_fmt)
-    pad = (...,) + (None,) * (x.dim() - 2)
     if new is not None:
         fresh = valid & (pos >= new_from[:, None])
         index = (q0[:, None] + pos - new_from[:, None]).clamp(0, max(new.shape[0] - 1, 0))
-        x = torch.where(fresh[pad], fp.round_to(new.to(F64), m_fmt)[index], x)
-    return torch.where(valid[pad], x, torch.zeros((), dtype=F64, device=x.device))
+        x = torch.where(fresh[(...,) + (None,) * (x.dim() - 2)], fp.round_to(new.to(F64), m_fmt)[index], x)
+    return _zero_beyond(x, valid)
 
 
 def paged_attention(query, key_cache, value_cache, block_table, query_start_loc, seq_lens, *, scale,
@@ -466,15 +484,12 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     rounding = dict(dtype=dtype, prescale=prescale, normalise=normalise)
     key_elements = key_cache.shape[2] * (key_cache.shape[3] + value_cache.shape[3])
     for rows in _row_blocks(query_start_loc, seq_lens, block_m, engine, dev, hq, key_elements):
-        zero = torch.zeros_like(rows.seq)
         fresh = dict(new_from=rows.ctx, q0=rows.q0) if new_key is not None else {}
-        k = _gather_keys(key_cache, block_table, rows.seq, zero, rows.seq_len, k_scale, m_fmt,
-                         new=new_key, **fresh)
-        v = _gather_keys(value_cache, block_table, rows.seq, zero, rows.seq_len, v_scale, m_fmt,
-                         new=new_value, **fresh)
+        k = _gather_keys(key_cache, block_table, rows.seq, rows.seq_len, k_scale, m_fmt, new=new_key, **fresh)
+        v = _gather_keys(value_cache, block_table, rows.seq, rows.seq_len, v_scale, m_fmt, new=new_value, **fresh)
         index, valid = rows.query_index()
         q = fp.round_to(query[index].to(F64), m_fmt)
-        qpos = rows.positions()
+        qpos = rows.positions(index)
         at = dict(qpos=qpos, key_len=rows.seq_len)
         if context_chunk_tokens is None:
             o, l = attention_batch(q, k, v, **at, **knobs, sinks=sinks, **rounding)
@@ -482,13 +497,12 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
             o, l = chunked_context_batch(_mha_attend(dict(scale=scale, softcap=softcap, engine=engine, **rounding)),
                                          (q,), (k, v), qpos, rows.ctx, rows.seq_len, chunk_tokens=context_chunk_tokens,
                                          dtype=dtype, engine=engine, key_elements=key_elements)
-        target = index[valid]
-        out[target] = o[valid]
-        lse[:, target] = l.permute(1, 0, 2)[:, valid]
+        _put_rows(out, o, index, valid)
+        _put_columns(lse, l, index, valid)
         if with_lse_sensitivity:
-            sensitivity[:, target] = lse_sensitivity_batch(q, k, **at, **knobs).permute(1, 0, 2)[:, valid]
+            _put_columns(sensitivity, lse_sensitivity_batch(q, k, **at, **knobs), index, valid)
         if with_output_step:
-            step_out[target] = output_step_batch(q, k, v, **at, **knobs, sinks=sinks)[valid]
+            _put_rows(step_out, output_step_batch(q, k, v, **at, **knobs, sinks=sinks), index, valid)
     extra = ((sensitivity,) if with_lse_sensitivity else ()) + ((step_out,) if with_output_step else ())
     return (out, lse, *extra)
 
@@ -517,13 +531,9 @@ def _mha_attend(kw: dict):
 def _slice_keys(k, start, length, row=None):
     """[R, max(length), ...]: keys start[i] .. start[i] + length[i] - 1 of row row[i] of k (default:
     row i), 0 beyond."""
-    n = int(length.max()) if length.numel() else 0
-    j = torch.arange(n, device=k.device)
-    valid = j < length[:, None]
-    pos = torch.where(valid, start[:, None] + j, torch.zeros_like(j))
+    pos, valid = _span(start, length)
     row = torch.arange(k.shape[0], device=k.device) if row is None else row
-    x = k[row[:, None], pos]
-    return torch.where(valid[(...,) + (None,) * (x.dim() - 2)], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return _zero_beyond(k[row[:, None], pos], valid)
 
 
 def chunked_context_batch(attend, queries: tuple, keys: tuple, qpos, ctx, seq_len, *, chunk_tokens: Optional[int],
@@ -757,22 +767,20 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
     key_elements = N * (w_uk.shape[2] + q_pe.shape[2] + w_uv.shape[2]) + kv_cache.shape[2]  # up-projected K, V; latent
     for rows in _row_blocks(query_start_loc, seq_lens, block_m, engine, dev, N, key_elements):
         fresh = dict(new=new, new_from=rows.ctx, q0=rows.q0) if new is not None else {}
-        lat = _gather_keys(kv_cache, block_table, rows.seq, torch.zeros_like(rows.seq), rows.seq_len, kv_scale,
-                           m_fmt, **fresh)
+        lat = _gather_keys(kv_cache, block_table, rows.seq, rows.seq_len, kv_scale, m_fmt, **fresh)
         index, valid = rows.query_index()
-        queries, qpos = (qn[index], qp[index]), rows.positions()
+        queries, qpos = (qn[index], qp[index]), rows.positions(index)
         if context_chunk_tokens is not None:
             o, l = chunked_context_batch(_mla_attend(path, wk, wv, kw), queries, (lat,), qpos, rows.ctx, rows.seq_len,
                                          chunk_tokens=context_chunk_tokens, dtype=dtype, engine=engine,
                                          key_elements=key_elements)
         else:
             o, l = MLA_BATCH_PATHS[path](*queries, lat, wk, wv, qpos, rows.seq_len, causal=True, **kw)
-        target = index[valid]
-        out[target] = o[valid]
-        lse[:, target] = l.permute(1, 0, 2)[:, valid]
+        _put_rows(out, o, index, valid)
+        _put_columns(lse, l, index, valid)
         if with_lse_sensitivity:
-            sensitivity[:, target] = _mla_lse_sensitivity(*queries, lat, wk, wv, scale, engine, qpos,
-                                                          rows.seq_len).permute(1, 0, 2)[:, valid]
+            _put_columns(sensitivity, _mla_lse_sensitivity(*queries, lat, wk, wv, scale, engine, qpos, rows.seq_len),
+                         index, valid)
     return (out, lse, sensitivity) if with_lse_sensitivity else (out, lse)
 
 
