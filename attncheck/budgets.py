@@ -6,10 +6,13 @@ golden/README.md ("Budgets") gives the error analysis behind each term.
                                the float64 result of its own pipeline (pure rounding noise)
     budget.pt_err_mean []      max over the variants of mean |pt - exact|
     budget.round_row   [T, H]  rounding step of the reference in the output dtype (FA3's trick)
-    budget.pipeline_row [T, H] max_d |exact_X - reference| over the legitimate pipelines X
-                               (fp8: new tokens attended unquantised instead of read back from
-                               the cache; 0 where every pipeline sees the same keys)
-    budget.pipeline_mean []    max over X of mean |exact_X - reference|
+    budget.pipeline_row [T, H] max_d (|exact_X - reference| + chain_X) over the legitimate
+                               pipelines X (fp8: new tokens attended unquantised instead of read
+                               back from the cache; a chunked context merged in order; 0 where
+                               every pipeline sees the same keys); chain_X: the worst case of X's
+                               model-dtype partials in a merge chain
+                               (reference.emulated.merge_chain_step), 0 without one
+    budget.pipeline_mean []    max over X of mean (|exact_X - reference| + chain_X)
     budget.lse_pt_err  [H, T]  max over the variants of |lse_pt - lse_exact|
     budget.lse_pipeline [H, T] max over X of |lse_X - lse_reference|
     budget.lse_step    [H, T]  2 u (B_Q + B_S): the LSE change that rounding the query operand
@@ -66,8 +69,9 @@ def assemble(reference: tuple, variants: Sequence[tuple], pipelines: Sequence[tu
 
     ``reference`` = (out [T, H, D], lse [H, T]) float64; ``variants`` = ((pt_out, pt_lse,
     exact_out, exact_lse), ...) with each pt variant next to the float64 result of its own
-    pipeline; ``pipelines`` = ((exact_out, exact_lse), ...) of every legitimate pipeline other
-    than the reference's own (may be empty); ``lse_step`` [H, T]; ``output_step`` [T, H, D] in
+    pipeline; ``pipelines`` = ((exact_out, exact_lse[, chain]), ...) of every legitimate pipeline
+    other than the reference's own (may be empty; ``chain`` [T, H, D] absolute: the pipeline's
+    merge-chain bound); ``lse_step`` [H, T]; ``output_step`` [T, H, D] in
     units of the float32 unit roundoff (reference.emulated.output_step), or None.
     ``fixed_order=False`` (the live tiers) takes means with torch's own summation.
     """
@@ -83,8 +87,8 @@ def assemble(reference: tuple, variants: Sequence[tuple], pipelines: Sequence[tu
     pipe_row = torch.zeros_like(row)
     pipe_mean = torch.zeros((), dtype=F64, device=row.device)
     pipe_lse = torch.zeros_like(lse_err)
-    for ex_out, ex_lse in pipelines:
-        diff = (ex_out.to(F64) - ref_out.to(F64)).abs()
+    for ex_out, ex_lse, *chain in pipelines:
+        diff = (ex_out.to(F64) - ref_out.to(F64)).abs() + (chain[0].to(F64) if chain else 0.0)
         pipe_row = torch.maximum(pipe_row, diff.amax(dim=-1))
         pipe_mean = torch.maximum(pipe_mean, mean(diff))
         pipe_lse = torch.maximum(pipe_lse, _lse_err(ex_lse, ref_lse))

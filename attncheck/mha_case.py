@@ -141,7 +141,8 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     Pipelines: the reference reads every key from the cache after the write; with an fp8 cache a
     kernel may also attend the new tokens from the unquantised K/V (vLLM's prefill does), which
     is a second legitimate pipeline; with ``context_chunk_tokens`` the context chunked and merged
-    (vLLM's prefill) is another. pt variants: each pipeline in both FlashAttention op orders
+    (vLLM's prefill) is another, whose model-dtype partials carry the merge chain's worst case
+    (reference.emulated.merge_chain_step) into the pipeline term. pt variants: each pipeline in both FlashAttention op orders
     (K pre-scaled; scores scaled), normalising before P.V or after, each against its own float64
     result.
     """
@@ -160,13 +161,14 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     chunkable = case.sliding_window is None and not case.alibi and not case.sinks  # what chunked_context models
     if case.context_chunk_tokens is not None and chunkable:  # vLLM's chunked prefill: partials merged in the model dtype
         chunked = dict(context_chunk_tokens=case.context_chunk_tokens)
-        pipelines["chunked context"] = (chunked, em.paged_attention(*batch, **common, **chunked))
+        pipelines["chunked context"] = (chunked, em.paged_attention(*batch, **common, **chunked,
+                                                                    partials=case.torch_dtype))
     variants = []
     for extra, exact in pipelines.values():
         for prescale, normalise in itertools.product(em.PRESCALES, em.NORMALISES):
             pt = em.paged_attention(*batch, **common, **extra, dtype=case.torch_dtype, prescale=prescale,
                                     normalise=normalise)
-            variants.append((*pt, *exact))
+            variants.append((*pt, *exact[:2]))
     others = [exact for name, (_, exact) in pipelines.items() if name != "cache"]
     out = budgets.assemble((ref_out, ref_lse), variants, others,
                            budgets.lse_step(sensitivity, case.torch_dtype),

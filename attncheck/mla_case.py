@@ -18,7 +18,8 @@ DeepSeek-style MLA batch ``impl.batch.MLABatch``:
   own float64 result with the projections (ql, o_lat; the up-projected K and V) written in the
   model dtype, as every implementation writes them; each such pipeline's difference from the
   reference is the pipeline term (with an fp8 cache it also holds the quantisation of the new
-  tokens).
+  tokens; with a chunked context, the worst case of its model-dtype partials in the merge chain,
+  reference.emulated.merge_chain_step).
   Everything stored comes from reference.emulated's EXACT engine (the same bytes on any machine).
 
 Scale: the layer scale ``(P + R) ** -0.5 * mscale(rope_factor) ** 2`` (DeepSeek-V3: YaRN factor
@@ -123,13 +124,15 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     if case.context_chunk_tokens is None:
         prefill.update(live)
     model_projections = dict(projections=case.torch_dtype)
-    exact = [em.paged_mla(*batch, **common, **path, **model_projections) for path in (absorbed, prefill)]
+    chain = dict(partials=case.torch_dtype) if case.context_chunk_tokens is not None else {}
+    exact = [em.paged_mla(*batch, **common, **absorbed, **model_projections),
+             em.paged_mla(*batch, **common, **prefill, **model_projections, **chain)]
     variants = []
     for extra, exact_of_path in zip((absorbed, prefill), exact):
         for prescale, normalise in itertools.product(em.PRESCALES, em.NORMALISES):
             pt = em.paged_mla(*batch, **common, **extra, dtype=case.torch_dtype, prescale=prescale,
                               normalise=normalise)
-            variants.append((*pt, *exact_of_path))
+            variants.append((*pt, *exact_of_path[:2]))
     out = budgets.assemble((ref_out, ref_lse), variants, exact,
                            budgets.lse_step(sensitivity, case.torch_dtype),
                            case.torch_dtype, fixed_order=engine is em.EXACT)

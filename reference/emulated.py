@@ -455,7 +455,7 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
                     k_scale=1.0, v_scale=1.0, dtype: torch.dtype = F64, prescale: str = "k",
                     normalise: str = "before", new_key=None, new_value=None, engine=EXACT,
                     block_m: Optional[int] = None, context_chunk_tokens: Optional[int] = None,
-                    with_lse_sensitivity=False, with_output_step=False):
+                    partials: Optional[torch.dtype] = None, with_lse_sensitivity=False, with_output_step=False):
     """``attention`` over a vLLM-shaped batch whose cache holds every key (context and new).
 
     With ``new_key``/``new_value`` ([T, Hkv, D], the batch's new tokens) the new tokens' keys
@@ -466,7 +466,9 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     sequence's queries that many at a time, and blocks of several sequences are computed together
     (``_row_blocks``; rows are independent: only memory and the number of launches change).
     Returns (out [T, Hq, Dv], lse [Hq, T]) as float64, plus ``lse_sensitivity`` [Hq, T] if
-    ``with_lse_sensitivity`` and then ``output_step`` [T, Hq, Dv] if ``with_output_step``.
+    ``with_lse_sensitivity``, then ``output_step`` [T, Hq, Dv] if ``with_output_step``, then the
+    chunked context's ``merge_chain_bound`` [T, Hq, Dv] (absolute; ``merge_chain_step``) if
+    ``partials`` (the model dtype a real pipeline writes its partials in) is given.
     """
     check_paged(query, key_cache, value_cache, block_table, query_start_loc, seq_lens)
     if context_chunk_tokens is not None and (sliding_window is not None or alibi_slopes is not None
@@ -479,6 +481,7 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     lse = torch.full((hq, t), float("-inf"), dtype=F64, device=dev)
     sensitivity = torch.zeros(hq, t, dtype=F64, device=dev)
     step_out = torch.zeros_like(out) if with_output_step else None
+    chain = _chain_bound(out, partials, context_chunk_tokens)
     knobs = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
                  alibi_slopes=alibi_slopes, engine=engine)
     rounding = dict(dtype=dtype, prescale=prescale, normalise=normalise)
@@ -494,9 +497,12 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
         if context_chunk_tokens is None:
             o, l = attention_batch(q, k, v, **at, **knobs, sinks=sinks, **rounding)
         else:
-            o, l = chunked_context_batch(_mha_attend(dict(scale=scale, softcap=softcap, engine=engine, **rounding)),
-                                         (q,), (k, v), qpos, rows.ctx, rows.seq_len, chunk_tokens=context_chunk_tokens,
-                                         dtype=dtype, engine=engine, key_elements=key_elements)
+            o, l, *bound = chunked_context_batch(
+                _mha_attend(dict(scale=scale, softcap=softcap, engine=engine, **rounding)), (q,), (k, v), qpos,
+                rows.ctx, rows.seq_len, chunk_tokens=context_chunk_tokens, dtype=dtype, engine=engine,
+                key_elements=key_elements, partials=partials)
+            if chain is not None:
+                _put_rows(chain, bound[0], index, valid)
         _put_rows(out, o, index, valid)
         _put_columns(lse, l, index, valid)
         if with_lse_sensitivity:
@@ -504,7 +510,17 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
         if with_output_step:
             _put_rows(step_out, output_step_batch(q, k, v, **at, **knobs, sinks=sinks), index, valid)
     extra = ((sensitivity,) if with_lse_sensitivity else ()) + ((step_out,) if with_output_step else ())
-    return (out, lse, *extra)
+    return (out, lse, *extra) + ((chain,) if chain is not None else ())
+
+
+def _chain_bound(out, partials: Optional[torch.dtype], context_chunk_tokens: Optional[int]):
+    """The zeroed ``merge_chain_bound`` a paged pipeline fills when ``partials`` is given (None
+    otherwise); only a chunked context has a merge chain."""
+    if partials is None:
+        return None
+    if context_chunk_tokens is None:
+        raise ValueError("partials: only a chunked context (context_chunk_tokens) merges partials")
+    return torch.zeros_like(out)
 
 
 def chunked_context(q, k, v, ctx: int, *, chunk_tokens: int, scale, softcap=None, dtype: torch.dtype = F64,
@@ -537,7 +553,8 @@ def _slice_keys(k, start, length, row=None):
 
 
 def chunked_context_batch(attend, queries: tuple, keys: tuple, qpos, ctx, seq_len, *, chunk_tokens: Optional[int],
-                          dtype: torch.dtype = F64, engine=EXACT, key_elements: int = 0):
+                          dtype: torch.dtype = F64, engine=EXACT, key_elements: int = 0,
+                          partials: Optional[torch.dtype] = None):
     """vLLM's prefill with context for B rows at once: ``queries`` ([B, Sq, ...] tensors) at
     positions qpos [B, Sq] (context first) over ``keys`` ([B, Sk, ...] tensors) that hold row i's
     ctx[i] context keys, then its new keys up to seq_len[i]. The new tokens attend causally over
@@ -546,18 +563,21 @@ def chunked_context_batch(attend, queries: tuple, keys: tuple, qpos, ctx, seq_le
     the partials merged in order (a row with fewer chunks merges empty partials, which change
     nothing), then merge(prefix=context, suffix=new). ``attend(queries, keys, qpos, key_len,
     causal)`` -> (out [B, Sq, H, Dv], lse [B, H, Sq]) is the attention of one pipeline;
-    ``key_elements`` bounds the FAST engine's chunk batches as in ``_row_blocks``."""
+    ``key_elements`` bounds the FAST engine's chunk batches as in ``_row_blocks``. With
+    ``partials`` (the model dtype a real pipeline writes its partials in) also returns
+    ``merge_chain_bound`` [B, Sq, H, Dv] (absolute): see ``merge_chain_step``."""
     nb, sq = queries[0].shape[:2]
     n_new = seq_len - ctx
     out, lse = attend(queries, tuple(_slice_keys(x, ctx, n_new) for x in keys), qpos - ctx[:, None], n_new, True)
+    chain = fp.format_of(partials) if partials is not None else None
     longest = int(ctx.max()) if nb else 0
-    if longest == 0:
-        return out, lse
+    if longest == 0:  # no context: nothing merged
+        return (out, lse) if chain is None else (out, lse, torch.zeros_like(out))
     chunk = int(chunk_tokens) if chunk_tokens else longest
     num_chunks = -(-longest // chunk)
     per_row = chunk * (out.shape[2] * sq + key_elements)  # as _row_blocks counts a batch row
     per_batch = 1 if engine is EXACT else max(1, BATCH_ELEMENTS // max(1, nb * per_row))
-    state = None
+    state = bound = None
     for c0 in range(0, num_chunks, per_batch):
         cs = torch.arange(c0, min(c0 + per_batch, num_chunks), device=qpos.device)
         row = torch.arange(nb, device=qpos.device).repeat_interleave(len(cs))
@@ -567,8 +587,17 @@ def chunked_context_batch(attend, queries: tuple, keys: tuple, qpos, ctx, seq_le
                       torch.zeros_like(qpos[row]), length, False)
         o, l = o.reshape(nb, len(cs), *o.shape[1:]), l.reshape(nb, len(cs), *l.shape[1:])
         for i in range(len(cs)):
-            state = (o[:, i], l[:, i]) if state is None else merge_states(*state, o[:, i], l[:, i], dtype, engine)
-    return merge_states(*state, out, lse, dtype, engine)
+            if state is None:
+                state = (o[:, i], l[:, i])
+                bound = chain.unit_roundoff * o[:, i].abs() if chain is not None else None
+                continue
+            if chain is not None:
+                bound = merge_chain_step(*state, o[:, i], l[:, i], bound, chain, engine)
+            state = merge_states(*state, o[:, i], l[:, i], dtype, engine)
+    merged = merge_states(*state, out, lse, dtype, engine)
+    if chain is None:
+        return merged
+    return (*merged, merge_chain_step(*state, out, lse, bound, chain, engine, last=True))
 
 
 def merge_states(prefix_out, prefix_lse, suffix_out, suffix_lse, dtype: torch.dtype = F64, engine=EXACT):
@@ -592,6 +621,54 @@ def merge_states(prefix_out, prefix_lse, suffix_out, suffix_lse, dtype: torch.dt
     return out, lse
 
 
+def _merge_weights(prefix_lse, suffix_lse, engine):
+    """(p, s, m0, cp, cs, both_empty) of one exact merge: the two LSEs (+inf read as -inf), their
+    max (0 where both are empty), the normalised weights [..., H, T] (0 for an empty partial)."""
+    p = torch.where(prefix_lse == float("inf"), torch.full_like(prefix_lse, float("-inf")), prefix_lse.to(F64))
+    s = torch.where(suffix_lse == float("inf"), torch.full_like(suffix_lse, float("-inf")), suffix_lse.to(F64))
+    m = torch.maximum(p, s)
+    both_empty = m == float("-inf")
+    m0 = torch.where(both_empty, torch.zeros_like(m), m)
+    wp, ws = engine.exp(p - m0), engine.exp(s - m0)
+    safe = torch.where(both_empty, torch.ones_like(wp), wp + ws)
+    return p, s, m0, wp / safe, ws / safe, both_empty
+
+
+def merge_chain_step(prefix_out, prefix_lse, suffix_out, suffix_lse, prefix_bound, partials: fp.Format,
+                     engine=EXACT, last: bool = False):
+    """[..., T, H, D] float64, absolute: a worst-case bound on how far a correct pipeline's merged
+    partial lands from the exact one after merging the next partial, when every partial is
+    written in the model format ``partials`` (unit roundoff u_m; vLLM's chunked prefill writes
+    each chunk's output and each merged state in the model dtype):
+
+        carried = cp * prefix_bound + cs * u_m |suffix|
+        bound   = (1 + u_m) carried + u_m |merged| + u32 * merge_step    (``last``: carried + u32 * merge_step)
+
+    (cp, cs the exact normalised weights; the computed state before its rounding is within
+    ``carried`` of the exact ``merged``, hence the (1 + u_m); the ``last`` merge's output is
+    not rounded here: the rule's round_row and pt terms carry it). Worst case,
+    not probabilistic: in a long chain a low-precision running state stagnates (an update below
+    half an ulp is lost every time), so its roundings are neither independent nor mean-zero and
+    one pt realisation says nothing about another pipeline's; the bound grows with the number of
+    chunks. The chunk partials' own arithmetic is the pt variants' (each chunk a short pipeline)."""
+    p, s, _, cp, cs, _ = _merge_weights(prefix_lse, suffix_lse, engine)
+    col = lambda x: x.transpose(-1, -2)[..., None]  # noqa: E731  [..., H, T] -> [..., T, H, 1]
+    u = partials.unit_roundoff
+    # With one partial empty a merge returns the other exactly (weights 1 and 0): nothing rounds,
+    # and a row without context merges nothing in the end (its output's rounding is round_row's).
+    has_prefix, has_suffix = col(torch.isfinite(p)), col(torch.isfinite(s))
+    both = has_prefix & has_suffix
+    written_suffix = both if last else has_suffix
+    carried = col(cp) * prefix_bound + torch.where(written_suffix, col(cs) * u * suffix_out.to(F64).abs(), 0.0)
+    arithmetic = torch.where(both, fp.FP32.unit_roundoff * merge_step(prefix_out, prefix_lse, suffix_out,
+                                                                       suffix_lse, engine), 0.0)
+    if last:
+        return carried + arithmetic
+    merged = col(cp) * prefix_out.to(F64) + col(cs) * suffix_out.to(F64)
+    # the computed state is within ``carried`` of the exact one, and rounding it moves it by u of its size
+    return torch.where(both, (1 + u) * carried + u * merged.abs(), carried) + arithmetic
+
+
 def merge_step(prefix_out, prefix_lse, suffix_out, suffix_lse, engine=EXACT):
     """[T, H, D] float64 in units of the float32 unit roundoff: ``output_step``'s bound for the
     merge of two partials (``merge_states``). Each partial's weight exp(lse_i - m) comes from
@@ -600,14 +677,7 @@ def merge_step(prefix_out, prefix_lse, suffix_out, suffix_lse, engine=EXACT):
     u sum_i c_i w_i (|o_i| + |o|) (c_i the normalised weights); the two-term sum and the
     normalisation add lambda sqrt(2) u (sum_i c_i |o_i| + |o|) + 2 u |o|. Rows whose partials
     are both empty get 0."""
-    p = torch.where(prefix_lse == float("inf"), torch.full_like(prefix_lse, float("-inf")), prefix_lse.to(F64))
-    s = torch.where(suffix_lse == float("inf"), torch.full_like(suffix_lse, float("-inf")), suffix_lse.to(F64))
-    m = torch.maximum(p, s)
-    both_empty = m == float("-inf")
-    m0 = torch.where(both_empty, torch.zeros_like(m), m)
-    wp, ws = engine.exp(p - m0), engine.exp(s - m0)
-    safe = torch.where(both_empty, torch.ones_like(wp), wp + ws)
-    cp, cs = (w / safe for w in (wp, ws))
+    p, s, m0, cp, cs, both_empty = _merge_weights(prefix_lse, suffix_lse, engine)
 
     def spread(lse):  # EXP_REL + 2 |lse - m|, 0 where the partial is empty (its weight is 0)
         return torch.where(torch.isfinite(lse), EXP_REL + 2 * (lse - m0).abs(), torch.zeros_like(lse))
@@ -741,7 +811,8 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
               kv_scale=1.0, path="absorbed", dtype: torch.dtype = F64, prescale: str = "k",
               normalise: str = "before", new_kv_c=None,
               new_k_pe=None, context_chunk_tokens: Optional[int] = None, engine=EXACT,
-              block_m: Optional[int] = None, with_lse_sensitivity=False, projections: Optional[torch.dtype] = None):
+              block_m: Optional[int] = None, with_lse_sensitivity=False, projections: Optional[torch.dtype] = None,
+              partials: Optional[torch.dtype] = None):
     """MLA over a paged batch whose latent cache holds every key (reference/mla.py ``paged_mla``).
 
     ``path``: "absorbed" (one pass over all keys) or "upprojected"; with ``new_kv_c``/``new_k_pe``
@@ -752,7 +823,8 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
     ``dtype``; ``mla_absorbed_batch``). Returns (out [T, N, V], lse [N, T]) float64, plus
     ``lse_sensitivity`` [N, T] if ``with_lse_sensitivity``: the larger of the two paths' (the
     query operand is [ql | q_pe] over the latent, or [q_nope | q_pe] over the up-projected keys;
-    the scores are the same).
+    the scores are the same); then the chunked context's ``merge_chain_bound`` [T, N, V] if
+    ``partials`` is given (as ``paged_attention``).
     """
     m_fmt, _ = _formats(dtype)
     T, N = q_nope.shape[:2]
@@ -760,6 +832,7 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
     out = torch.zeros(T, N, w_uv.shape[-1], dtype=F64, device=dev)
     lse = torch.full((N, T), float("-inf"), dtype=F64, device=dev)
     sensitivity = torch.zeros(N, T, dtype=F64, device=dev)
+    chain = _chain_bound(out, partials, context_chunk_tokens)
     qn, qp = fp.round_to(q_nope.to(F64), m_fmt), fp.round_to(q_pe.to(F64), m_fmt)
     wk, wv = fp.round_to(w_uk.to(F64), m_fmt), fp.round_to(w_uv.to(F64), m_fmt)
     kw = dict(scale=scale, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine, projections=projections)
@@ -771,9 +844,11 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
         index, valid = rows.query_index()
         queries, qpos = (qn[index], qp[index]), rows.positions(index)
         if context_chunk_tokens is not None:
-            o, l = chunked_context_batch(_mla_attend(path, wk, wv, kw), queries, (lat,), qpos, rows.ctx, rows.seq_len,
-                                         chunk_tokens=context_chunk_tokens, dtype=dtype, engine=engine,
-                                         key_elements=key_elements)
+            o, l, *bound = chunked_context_batch(_mla_attend(path, wk, wv, kw), queries, (lat,), qpos, rows.ctx,
+                                                 rows.seq_len, chunk_tokens=context_chunk_tokens, dtype=dtype,
+                                                 engine=engine, key_elements=key_elements, partials=partials)
+            if chain is not None:
+                _put_rows(chain, bound[0], index, valid)
         else:
             o, l = MLA_BATCH_PATHS[path](*queries, lat, wk, wv, qpos, rows.seq_len, causal=True, **kw)
         _put_rows(out, o, index, valid)
@@ -781,7 +856,7 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
         if with_lse_sensitivity:
             _put_columns(sensitivity, _mla_lse_sensitivity(*queries, lat, wk, wv, scale, engine, qpos, rows.seq_len),
                          index, valid)
-    return (out, lse, sensitivity) if with_lse_sensitivity else (out, lse)
+    return (out, lse) + ((sensitivity,) if with_lse_sensitivity else ()) + ((chain,) if chain is not None else ())
 
 
 def _mla_lse_sensitivity(q_nope, q_pe, lat, w_uk, w_uv, scale, engine, qpos, key_len):

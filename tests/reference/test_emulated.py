@@ -116,3 +116,80 @@ def test_lse_sensitivity_bounds_rounding_the_query_or_the_scores(knobs):
     lse_s = torch.logsumexp(s.masked_fill(~mask, -math.inf), dim=-1)
     assert ((lse_s - ref).abs() <= 2 * 1.01 * u * bound).all()  # two roundings when capped or biased
     assert float((lse_q - ref).abs().max()) > 0.02 * u * float(bound.max())  # the bound is not vacuous
+
+
+def _partials(seed, n, t=48, h=2, d=16):
+    """n chunk partials (out [T, H, D], lse [H, T]) of similar weight, with a few empty ones."""
+    g = torch.Generator().manual_seed(seed)
+    outs = [torch.randn(t, h, d, generator=g, dtype=F64) for _ in range(n)]
+    lses = [torch.randn(h, t, generator=g, dtype=F64) * 0.5 + 3.0 for _ in range(n)]
+    for i in range(2, n, 7):  # an empty partial (a row with fewer chunks) changes and rounds nothing
+        outs[i][:5], lses[i][:, :5] = 0.0, -math.inf
+    return outs, lses
+
+
+def _chain_bound(outs, lses, fmt):
+    state, bound = (outs[0], lses[0]), fmt.unit_roundoff * outs[0].abs()
+    for o, l in zip(outs[1:-1], lses[1:-1]):
+        bound = em.merge_chain_step(*state, o, l, bound, fmt)
+        state = em.merge_states(*state, o, l)
+    return em.merge_chain_step(*state, outs[-1], lses[-1], bound, fmt, last=True)
+
+
+@pytest.mark.parametrize("n", [2, 5, 40])
+def test_merge_chain_bound_holds_against_the_worst_rounding(n):
+    """Perturb every written partial (each chunk's output, each merged state but the last) by
+    u |x| in the direction that grows the error so far: the error reaches the bound (to second
+    order; merge_step's float32 terms are the slack) and never passes it."""
+    fmt = fp.BF16
+    u = fmt.unit_roundoff
+    outs, lses = _partials(n, n)
+    exact = (outs[0], lses[0])
+    for o, l in zip(outs[1:], lses[1:]):
+        exact = em.merge_states(*exact, o, l)
+    mid = [(outs[0], lses[0])]
+    for o, l in zip(outs[1:-1], lses[1:-1]):
+        mid.append(em.merge_states(*mid[-1], o, l))
+
+    def push(x, direction):  # x moved by u |x| towards ``direction``
+        return x + direction * u * x.abs()
+
+    worst = push(outs[0], torch.ones_like(outs[0]))
+    for i in range(1, n):
+        direction = torch.where((worst - mid[i - 1][0]) >= 0, 1.0, -1.0)
+        merged, _ = em.merge_states(worst, mid[i - 1][1], push(outs[i], direction), lses[i])
+        written = torch.isfinite(lses[i]).transpose(0, 1)[..., None]  # merging an empty partial writes o_p again
+        if i < n - 1:  # the last merge's output rounding is the rule's round_row, not the chain's
+            merged = torch.where(written, push(merged, torch.where(merged - mid[i][0] >= 0, 1.0, -1.0)), merged)
+        worst = merged
+    err = (worst - exact[0]).abs()
+    bound = _chain_bound(outs, lses, fmt)
+    assert (err <= bound * (1 + 4 * u)).all()
+    assert float((err / bound.clamp_min(1e-300)).max()) > 0.9  # tight: the worst case reaches it
+
+
+@pytest.mark.parametrize("n", [8, 32])
+def test_one_pt_realisation_of_a_merge_chain_does_not_bound_another_pipelines(n):
+    """Two legitimate bf16 merge chains (vLLM's ``merge_states``) over the same partials, one with
+    each chunk output correctly rounded (the pt variants), one with the chunk outputs off by a
+    sub-ulp amount before rounding (any kernel's own arithmetic): the second's error passes twice
+    the first's on some rows, so 2 x pt alone would fail a correct kernel, and the chain bound
+    holds both."""
+    fmt = fp.BF16
+    outs, lses = _partials(7, n, t=200)
+    g = torch.Generator().manual_seed(1)
+
+    def merged(parts, dtype):
+        state = (parts[0], lses[0])
+        for o, l in zip(parts[1:], lses[1:]):
+            state = em.merge_states(*state, o, l, dtype=dtype)
+        return state[0]
+
+    exact = merged(outs, F64)
+    jitter = [1 + (torch.rand(o.shape, generator=g, dtype=F64) - 0.5) * fmt.unit_roundoff for o in outs]
+    pt = merged([fp.round_to(o, fmt) for o in outs], torch.bfloat16)
+    kernel = merged([fp.round_to(o * j, fmt) for o, j in zip(outs, jitter)], torch.bfloat16)
+    bound = _chain_bound(outs, lses, fmt)
+    err_pt, err_kernel = (pt - exact).abs(), (kernel - exact).abs()
+    assert (err_pt <= bound).all() and (err_kernel <= bound).all()
+    assert (err_kernel.amax(dim=-1) > 2 * err_pt.amax(dim=-1)).any()
