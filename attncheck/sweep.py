@@ -128,6 +128,11 @@ SOFTCAP_QUERY_STD = 8.0  # softcap classes raise the query scale so the cap real
 # fp8 scales with at most 3 significant bits: fp8 values times the scale stay exact in bf16/fp16
 FP8_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 CHUNK_TOKENS = (None, None, None, 13, 40, 100, 256, 1000, 4096)
+# At most this many context chunks per sequence (a drawn chunk size grows to fit): vLLM's prefill
+# workspaces give a few chunks per sequence, and a model-dtype merge chain's worst case grows with
+# its length (reference.emulated.merge_chain_step), so hundreds of chunks of 13 tokens over a long
+# context would leave a budget wider than the output they check.
+MAX_CONTEXT_CHUNKS = 32
 SPEC_DECODE_Q = (2, 3, 4, 5, 8)
 ROW_MIXES = ("decode", "spec_decode", "extend", "prefill", "mixed")
 ROW_MIX_WEIGHTS = (0.25, 0.1, 0.15, 0.15, 0.35)
@@ -462,7 +467,7 @@ def _mha_config(rng, seed, index, sizes, cls: MHAClass):
         k_scale=k_scale, v_scale=v_scale, causal=cls.causal, sliding_window=cls.sliding_window,
         softcap=cls.softcap, alibi=cls.alibi, sinks=cls.sinks, scale=cls.scale,
         seed=rng.randrange(2 ** 31), tier="sweep", family=_family(rows, unordered),
-        context_chunk_tokens=rng.choice(CHUNK_TOKENS), unordered=unordered,
+        context_chunk_tokens=_chunk_tokens(rng, rows), unordered=unordered,
         query_std=SOFTCAP_QUERY_STD if cls.softcap else 1.0)
 
 
@@ -479,7 +484,17 @@ def _mla_config(rng, seed, index, sizes, cls: MLAClass):
         num_heads=cls.num_heads, **MLA_DIMS[cls.dims], block_size=cls.block_size, dtype=cls.dtype,
         kv_cache_dtype=cls.kv_cache_dtype, kv_scale=rng.choice(FP8_SCALES) if fp8 else 1.0,
         rope_factor=cls.rope_factor, scale=cls.scale, seed=rng.randrange(2 ** 31), tier="sweep",
-        family=_family(rows, unordered), context_chunk_tokens=rng.choice(CHUNK_TOKENS), unordered=unordered)
+        family=_family(rows, unordered), context_chunk_tokens=_chunk_tokens(rng, rows), unordered=unordered)
+
+
+def _chunk_tokens(rng, rows) -> Optional[int]:
+    """A chunk size from CHUNK_TOKENS (None: the context in one pass), raised so that no
+    sequence's context (rows: (query_len, seq_len)) takes more than MAX_CONTEXT_CHUNKS chunks."""
+    drawn = rng.choice(CHUNK_TOKENS)
+    if drawn is None:
+        return None
+    longest = max((s - q for q, s in rows), default=0)
+    return max(drawn, -(-longest // MAX_CONTEXT_CHUNKS))
 
 
 def configs(seed: int, count: int, sizes: Sizes, shapes: Optional[int] = None) -> list:
