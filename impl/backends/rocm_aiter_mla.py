@@ -69,9 +69,31 @@ def triton_decode_config(device: torch.device) -> dict:
             "fwd_kernel_stage2": {"num_stages": stages}}
 
 
+def bucketed_entries(q, entry_tables, kv_lens, pad: bool):
+    """AITER's Triton MLA decode takes the entry count (``batch``) and ``NUM_KV_SPLITS`` as
+    constexprs: every new count compiles both kernels again (176 compilations in 85 sweep checks
+    on an H200). On CUDA the entries are padded to a power of two, as vLLM pads decode batches to
+    its CUDA-graph sizes: each extra entry attends to one key (entry 0's first, a written slot),
+    and its output is dropped. Entries are independent programs, so the real ones compute the
+    same thing. Returns (q, entry_tables, kv_lens), padded when ``pad``."""
+    E = q.shape[0]
+    if not pad or E == 0 or E & (E - 1) == 0:
+        return q, entry_tables, kv_lens
+    extra = (1 << E.bit_length()) - E
+    q = torch.cat([q, q[:1].expand(extra, *q.shape[1:])])
+    entry_tables = torch.cat([entry_tables, entry_tables[:1].expand(extra, -1)])
+    kv_lens = torch.cat([kv_lens, torch.ones(extra, dtype=kv_lens.dtype, device=kv_lens.device)])
+    return q, entry_tables, kv_lens
+
+
 def aiter_triton_mla_decode(q, kv_cache, entry_tables, kv_lens, *, scale: float, kv_lora_rank: int,
-                            kv_scale: float, num_splits=None, max_kv_len=None):
-    """AITER's Triton absorbed-MLA decode over a paged latent cache. Returns o [E, N, L] in q's dtype."""
+                            kv_scale: float, num_splits=None, max_kv_len=None, bucket=None):
+    """AITER's Triton absorbed-MLA decode over a paged latent cache. Returns o [E, N, L] in q's dtype.
+    ``bucket`` (default: on CUDA, where compilations cost) pads the entries and rounds the split
+    count down to powers of two (``bucketed_entries``)."""
+    bucket = q.device.type == "cuda" if bucket is None else bucket
+    real = q.shape[0]
+    q, entry_tables, kv_lens = bucketed_entries(q, entry_tables, kv_lens, bucket)
     E, N, D = q.shape
     L, R = kv_lora_rank, D - kv_lora_rank
     dev = q.device
@@ -87,6 +109,8 @@ def aiter_triton_mla_decode(q, kv_cache, entry_tables, kv_lens, *, scale: float,
     if num_splits is None:
         mk = max_kv_len if max_kv_len is not None else int(kv_lens.max())
         num_splits = mla_decode.default_num_splits(E, -(-N // 16), mk, dev)
+        if bucket:  # a power of two too: NUM_KV_SPLITS is a constexpr (bucketed_entries)
+            num_splits = 1 << (int(num_splits).bit_length() - 1)
     o = torch.empty(E, N, L, dtype=q.dtype, device=dev)
     logits = torch.empty(E, N, num_splits, L + 1, dtype=torch.float32, device=dev)
     # rope inputs are unused with use_rope=False; small real tensors keep every launch argument a pointer
@@ -103,7 +127,7 @@ def aiter_triton_mla_decode(q, kv_cache, entry_tables, kv_lens, *, scale: float,
             k_pe_tokens=k_pe_tokens, kv_lora_rank=L, rotary_dim=R, cos_sin_cache=cos_sin, positions=positions,
             attn_logits=logits, num_kv_splits=int(num_splits), sm_scale=float(scale), logit_cap=0.0,
             use_rope=False, is_neox_style=False, config=triton_decode_config(dev))
-    return o
+    return o[:real]
 
 
 def rocm_mla_decode(q, kv_cache, entry_tables, kv_lens, *, scale: float, kv_lora_rank: int, kv_scale: float):

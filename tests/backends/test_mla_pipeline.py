@@ -113,3 +113,31 @@ def test_pipelines_pass_in_memory_cases(backend, case, device):
         assert info["context_chunks"] == 3  # 39 context tokens in chunks of 16
     if case.name.startswith("pipe-spec"):
         assert info["decode_rows"] == (2 if backend == "ROCM_AITER_MLA" else 0)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_aiter_decode_bucketing_pads_entries_without_changing_them(device, fp8):
+    """On CUDA AITER's Triton MLA decode runs with its entries padded to a power of two and the
+    split count rounded down to one (``bucketed_entries``: both are constexprs, and each new value
+    compiled the kernels again). The real entries' outputs are the unpadded ones, bit for bit,
+    at the same split count."""
+    avail = rocm_aiter_mla.AiterMLABackend().availability(torch.device(device))
+    if not avail.ok:
+        pytest.skip(f"AITER's Triton kernels cannot run here: {avail.reason}")
+    g = torch.Generator().manual_seed(3)
+    E, N, L, R, bs = 5, 4, 64, 16, 16
+    kv_lens = torch.tensor([1, 17, 40, 9, 33], dtype=torch.int32)
+    blocks = -(-int(kv_lens.max()) // bs)
+    table = torch.randperm(E * blocks, generator=g).reshape(E, blocks).to(torch.int32)
+    cache = torch.randn(E * blocks, bs, L + R, generator=g).to(torch.bfloat16)
+    if fp8:
+        cache = cache.to(torch.float8_e4m3fn)
+    q = torch.randn(E, N, L + R, generator=g).to(torch.bfloat16)
+    dev = torch.device(device)
+    args = [x.to(dev) for x in (q, cache, table, kv_lens)]
+    padded, tables, lens = rocm_aiter_mla.bucketed_entries(*args[:1], *args[2:], pad=True)
+    assert padded.shape[0] == 8 and tables.shape[0] == 8 and lens[5:].tolist() == [1, 1, 1]
+    kw = dict(scale=0.1, kv_lora_rank=L, kv_scale=1.0, num_splits=2)
+    plain = rocm_aiter_mla.aiter_triton_mla_decode(*args, **kw, bucket=False)
+    bucketed = rocm_aiter_mla.aiter_triton_mla_decode(*args, **kw, bucket=True)
+    assert bucketed.shape == plain.shape and torch.equal(bucketed, plain)
