@@ -15,9 +15,13 @@ Why gather instead of a mask_mod that maps logical to physical slots (vLLM's app
 gathered KV is in logical order, so the block mask is sparse in the usual causal pattern and
 the masks read like the equations; the cost is one copy of the batch's K/V.
 
-Sinks are exact: FlexAttention returns the sink-free LSE, and adding a sink logit to the
-denominator multiplies each row by ``e^lse / (e^lse + e^sink) = sigmoid(lse - sink)``; the
-returned LSE stays sink-free (the reference convention). fp8 KV is not supported (vLLM's
+Sinks (vLLM's FLEX_ATTENTION has none; this backend adds them after the call): FlexAttention
+returns the sink-free LSE, and adding a sink logit to the denominator multiplies each row by
+``e^lse / (e^lse + e^sink) = sigmoid(lse - sink)``; the returned LSE stays sink-free (the
+reference convention). With sinks the call runs in float32 (the model-dtype values converted
+exactly) and the rescaled output is rounded once: rescaling a bf16 output rounds it twice, which
+no budget allows (the sweep found it: ``sweep:2:2944`` on an H200, ratio 1.36, the same on the
+CPU). fp8 KV is not supported (vLLM's
 FLEX_ATTENTION takes kv-cache dtype 'auto' only). LSE ``[Hq, T]`` float32, natural log.
 
 Eager on the CPU (FlexAttention's unfused path: it materialises the scores, so keep CPU cases
@@ -103,7 +107,7 @@ class FlexAttentionBackend:
         fp8_kv=frozenset(), returns_lse=True,
         notes=("K/V gathered into a logical contiguous KV; one flex_attention call with a "
                "document + causal + window block mask",
-               "sinks applied exactly after the call: out * sigmoid(lse - sink)",
+               "sinks applied after a float32 call: out * sigmoid(lse - sink), rounded once",
                "kv-cache dtype 'auto' only (as vLLM's FLEX_ATTENTION)"),
     )
 
@@ -133,6 +137,8 @@ class FlexAttentionBackend:
         q4 = batch.query.transpose(0, 1)[None]  # [1, Hq, T, D]
         k4 = k.transpose(0, 1)[None]  # [1, Hkv, Ktot, D]
         v4 = v.transpose(0, 1)[None]
+        if batch.sinks is not None:  # the sink rescale below must round the output once: float32 in and out
+            q4, k4, v4 = q4.float(), k4.float(), v4.float()
 
         mask_mod = self._mask_mod(qdoc, qpos, kdoc, kpos, batch.causal, batch.sliding_window)
         block_mask = _fa.create_block_mask(mask_mod, None, None, T, k4.shape[2], device=dev,
