@@ -135,16 +135,17 @@ def _knobs(case, tensors) -> dict:
                 sinks=tensors.get("sinks"), k_scale=case.k_scale, v_scale=case.v_scale)
 
 
-def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EXACT) -> dict:
+def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EXACT, keep_device=False) -> dict:
     """Reference outputs (float64) and the budgets for the given inputs.
 
     Pipelines: the reference reads every key from the cache after the write; with an fp8 cache a
     kernel may also attend the new tokens from the unquantised K/V (vLLM's prefill does), which
     is a second legitimate pipeline; with ``context_chunk_tokens`` the context chunked and merged
     (vLLM's prefill) is another, whose model-dtype partials carry the merge chain's worst case
-    (reference.emulated.merge_chain_step) into the pipeline term. pt variants: each pipeline in both FlashAttention op orders
-    (K pre-scaled; scores scaled), normalising before P.V or after, each against its own float64
-    result.
+    (reference.emulated.merge_chain_step) into the pipeline term. pt variants: each pipeline in
+    both FlashAttention op orders (K pre-scaled; scores scaled), normalising before P.V or after,
+    each against its own float64 result.
+    ``keep_device``: leave the results on ``compute_device`` (the live tiers) instead of the CPU.
     """
     dev = torch.device(compute_device)
     t = {k: v.to(dev) for k, v in tensors.items()}
@@ -181,7 +182,7 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
         "expected.key_cache_slots": kc.reshape(-1, Hkv, D)[slots].clone(),
         "expected.value_cache_slots": vc.reshape(-1, Hkv, D)[slots].clone(),
     })
-    return {k: v.cpu() for k, v in out.items()}
+    return out if keep_device else {k: v.cpu() for k, v in out.items()}
 
 
 def build_golden(case) -> dict:
@@ -195,8 +196,8 @@ def build_live(case, device) -> dict:
     same bits on any device), oracle and budgets on ``device`` with the FAST engine (torch's
     float64 kernels; never stored)."""
     tensors = build_inputs(case, CounterDraws(case.seed, device))
-    tensors.update(expected_and_budgets(case, tensors, compute_device=device, engine=em.FAST))
-    return {k: v.cpu() for k, v in tensors.items()}  # like a stored golden: the harness moves what it needs
+    tensors.update(expected_and_budgets(case, tensors, compute_device=device, engine=em.FAST, keep_device=True))
+    return tensors  # values stay on ``device``: each backend's copies and the comparison are made there
 
 
 def batch_from_tensors(case, tensors: dict, device) -> AttentionBatch:

@@ -101,13 +101,15 @@ def build_inputs(case, draws: Optional[Draws] = None) -> dict:
 
 # ---- oracle and budgets -------------------------------------------------------------------------
 
-def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EXACT) -> dict:
+def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EXACT, keep_device=False) -> dict:
     """Reference outputs (float64, absorbed path over the cache after the write) and the budgets:
     pt variants = {absorbed from the cache, up-projected with the raw new tokens and the context
     chunked like the case} x {K pre-scaled, scores scaled} x {normalised before P.V, after}, each
     against the float64 result of its own pipeline with the projections written in the model dtype
     (ql and o_lat; the up-projected K and V): every implementation attends over those, so their
-    rounding is the pipeline's, not noise one pt realisation may or may not show."""
+    rounding is the pipeline's, not noise one pt realisation may or may not show.
+    ``keep_device``: leave the results on ``compute_device`` (the live tiers) instead of the CPU.
+    """
     dev = torch.device(compute_device)
     t = {k: v.to(dev) for k, v in tensors.items()}
     cache = t["kv_cache"].clone()
@@ -142,7 +144,7 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
         "expected.lse": budgets.to_float32(ref_lse),
         "expected.kv_cache_slots": cache.reshape(-1, L + R)[t["slot_mapping"]].clone(),
     })
-    return {k: v.cpu() for k, v in out.items()}
+    return out if keep_device else {k: v.cpu() for k, v in out.items()}
 
 
 def build_golden(case) -> dict:
@@ -155,8 +157,8 @@ def build_live(case, device) -> dict:
     """Live tiers (large, sweep): inputs from the case seed drawn on ``device`` (CounterDraws: the
     same bits on any device), oracle and budgets on ``device`` with the FAST engine (never stored)."""
     tensors = build_inputs(case, CounterDraws(case.seed, device))
-    tensors.update(expected_and_budgets(case, tensors, compute_device=device, engine=em.FAST))
-    return {k: v.cpu() for k, v in tensors.items()}  # like a stored golden: the harness moves what it needs
+    tensors.update(expected_and_budgets(case, tensors, compute_device=device, engine=em.FAST, keep_device=True))
+    return tensors  # values stay on ``device``: each backend's copies and the comparison are made there
 
 
 def batch_from_tensors(case, tensors: dict, device) -> MLABatch:

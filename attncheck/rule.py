@@ -169,7 +169,7 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
     checks.append(Check("dtype", ok_dtype, "" if ok_dtype else f"got {output.dtype}, expected {model_dtype}"))
     if not ok_shape:
         return result
-    o = output.detach().to("cpu", torch.float64)
+    o = output.detach().to(ref.device, torch.float64)  # compared where the expected values live
 
     nonfinite = ~torch.isfinite(o)
     if bool(nonfinite.any()):
@@ -231,7 +231,7 @@ def _compare_lse(lse: torch.Tensor, expected: dict, k: float, locate) -> tuple[C
     ref = expected["expected.lse"].to(torch.float64)
     if tuple(lse.shape) != tuple(ref.shape):
         return Check("lse", False, f"shape {tuple(lse.shape)}, expected {tuple(ref.shape)} ([heads, tokens])"), []
-    got = lse.detach().to("cpu", torch.float64)
+    got = lse.detach().to(ref.device, torch.float64)
     if bool(torch.isnan(got).any()):
         h, t = got.isnan().nonzero()[0].tolist()
         return Check("lse", False, f"NaN LSE at {_describe_row(locate, t, h)}"), [failing_row(locate, t, h, "lse")]
@@ -269,16 +269,17 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def compare_cache(name: str, before: torch.Tensor, after: torch.Tensor, slot_mapping: torch.Tensor,
                   expected_slots: torch.Tensor) -> Check:
     """Cache writes are exact: the new tokens' slots hold exactly the expected bytes and
-    every other slot is untouched."""
-    after = after.detach().cpu()
+    every other slot is untouched. Compared on ``before``'s device."""
+    dev = before.device
+    after = after.detach().to(dev)
     if after.dtype != before.dtype or after.shape != before.shape:
         return Check(f"{name} write", False, f"cache changed dtype/shape to {after.dtype} {tuple(after.shape)}")
     tail = tuple(before.shape[2:])
     flat_after = bits(after).reshape(-1, *tail)
     flat_before = bits(before).reshape(-1, *tail)
-    slots = slot_mapping.cpu().long()
+    slots = slot_mapping.to(dev).long()
     got = flat_after[slots]
-    want = bits(expected_slots.cpu())
+    want = bits(expected_slots.to(dev))
     if not torch.equal(got, want):
         mism = (got != want).reshape(got.shape[0], -1).any(dim=1).nonzero().flatten()
         t = int(mism[0])
@@ -287,7 +288,7 @@ def compare_cache(name: str, before: torch.Tensor, after: torch.Tensor, slot_map
         return Check(f"{name} write", False,
                      f"{len(mism)} new tokens written wrongly; first: token row {t} -> slot {slot} "
                      f"(block {slot // bs}, offset {slot % bs})")
-    untouched = torch.ones(flat_before.shape[0], dtype=torch.bool)
+    untouched = torch.ones(flat_before.shape[0], dtype=torch.bool, device=dev)
     untouched[slots] = False
     if not torch.equal(flat_after[untouched], flat_before[untouched]):
         changed = (flat_after[untouched] != flat_before[untouched]).reshape(int(untouched.sum()), -1).any(dim=1)
