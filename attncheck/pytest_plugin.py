@@ -402,13 +402,14 @@ class BackendCaseItem(pytest.Item):
         self.verdict = None
 
     def runtest(self):
-        from attncheck import harness
+        from attncheck import harness, runtime
 
         settings = setup_run(self.config)
         save_dir = self.config.option.attncheck_save_failures
         case = self.case_obj or self.case
         self.verdict = v = harness.run_backend(self.backend, case, device=settings.device,
                                                keep_artifacts=bool(save_dir))
+        runtime.release_cached_memory(settings.device)
         if budget_reached(self.config):  # this check is reported; the run stops after it
             self.session.shouldstop = f"attncheck: time budget of {self.config.option.attncheck_max_seconds:g} s reached"
         if save_dir and v.status in ("fail", "error"):  # written here, in the worker that has the tensors

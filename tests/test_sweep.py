@@ -128,6 +128,29 @@ def test_batches_keep_vllm_order_unless_they_test_it():
             check_vllm_order(kinds)
 
 
+def test_no_sequence_has_more_than_the_chunk_cap():
+    """A drawn chunk size grows so that no sequence's context takes more than
+    sweep.MAX_CONTEXT_CHUNKS chunks (the merge chain's bound grows with the count)."""
+    chunked = [c for c in sweep.configs(0, 400, sweep.SIZES["large"]) if c.context_chunk_tokens]
+    widest = max(-(-(s - q) // c.context_chunk_tokens) for c in chunked for q, s in zip(c.query_lens, c.seq_lens))
+    assert widest <= sweep.MAX_CONTEXT_CHUNKS
+    assert any(c.context_chunk_tokens in sweep.CHUNK_TOKENS for c in chunked)  # short contexts keep their draw
+
+
+def test_a_worker_hands_back_cached_gpu_memory_past_the_threshold(monkeypatch):
+    """Workers share a GPU: past runtime.SHARED_GPU_CACHE_BYTES a worker's cached memory goes back."""
+    from attncheck import runtime
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    for reserved, want in ((runtime.SHARED_GPU_CACHE_BYTES + 1, 1), (runtime.SHARED_GPU_CACHE_BYTES, 0)):
+        emptied.clear()
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a, r=reserved: r)
+        runtime.release_cached_memory("cuda")
+        runtime.release_cached_memory("cpu")
+        assert len(emptied) == want
+
+
 # ---- capability filtering --------------------------------------------------------------------------
 
 def test_each_backend_gets_only_the_configurations_its_capabilities_accept():
