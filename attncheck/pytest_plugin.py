@@ -98,7 +98,7 @@ def pytest_addoption(parser):
                 metavar="T", help="stop cleanly after T seconds of wall time and report what ran")
     g.addoption("--attncheck-workers-per-gpu", dest="attncheck_workers_per_gpu", default=None,
                 type=positive_int, metavar="W", help="with -n auto on cuda: workers per visible GPU "
-                                                      "(default: min(4, CPU cores / (4 x GPUs)), at least 1)")
+                                                      "(default: min(12, 3/4 of the CPU cores / GPUs), at least 1)")
     g.addoption("--attncheck-profile", dest="attncheck_profile", action="store_true", default=False,
                 help="print where the time went (phases, compilations, per backend)")
     parser.addini("attncheck_suite_with_testpaths", type="bool", default=False,

@@ -56,7 +56,7 @@ def register(subparsers) -> None:
                    help="pytest-xdist workers, or auto: CPU cores on cpu, GPUs x --workers-per-gpu on cuda "
                         "(default 2 on cpu, 1 on cuda; 0 = in this process)")
     v.add_argument("--workers-per-gpu", type=options.positive_int, default=None, metavar="W",
-                   help="with -n auto on cuda: workers sharing each GPU (default min(4, cores / (4 x GPUs)))")
+                   help="with -n auto on cuda: workers sharing each GPU (default min(12, 3/4 of the cores / GPUs))")
     s = v.add_argument_group("sweep tier (--tier sweep, docs/sweep.md)")
     s.add_argument("--count", type=options.non_negative_int, default=None, metavar="N",
                    help="configurations to draw (default 20 on cpu, 1000 on cuda)")

@@ -17,7 +17,7 @@
 # to $OUT: <part>.log, <part>.summary.json (counts, timing, failures; small) and <part>.json.gz
 # (every verdict). Knobs (environment): SEED (0), COUNT (5000: about 14,000 backend x
 # configuration pairs with all 8 backends), CAP (540 s), WORKERS_PER_GPU
-# (default: min(4, cores / (4 x GPUs))), SHAPES (MHA shape classes per seed; default 16),
+# (default: min(12, 3/4 of the cores / GPUs)), SHAPES (MHA shape classes per seed; default 16),
 # BACKENDS (default: all), DEVICE (cuda; `DEVICE=cpu COUNT=4 BACKENDS=TORCH_SDPA` dry-runs it here).
 # amd-aiter travels as an installed copy in .gpu/site (carry .gpu), as for scripts/gpu_verify.sh;
 # -n needs pytest-xdist there too (pure Python), e.g. made on this machine with
@@ -25,6 +25,8 @@
 set -u
 OUT=${OUT:-/tmp/attncheck-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/.gpu/site:$PWD
+# vLLM's own kernels (TRITON_ATTN, ROCM_ATTN, TRITON_MLA) where its extracted sources travel with .gpu
+[ -d "$PWD/.gpu/vllm_src" ] && export ATTNCHECK_VLLM_SRC=${ATTNCHECK_VLLM_SRC:-$PWD/.gpu/vllm_src}
 export PYTHONUNBUFFERED=1
 SEED=${SEED:-0}; COUNT=${COUNT:-5000}; CAP=${CAP:-540}
 DEVICE=${DEVICE:-cuda}
