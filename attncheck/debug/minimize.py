@@ -30,7 +30,6 @@ from typing import Optional
 
 import torch
 
-from attncheck import golden
 from attncheck.backends import get_backend
 from attncheck.debug import bundle as bundle_mod
 from attncheck.debug import oracle, replay, rows

@@ -41,14 +41,13 @@ batch whose shortest query is > 1 down the one-query-per-sequence decode path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from impl import platform
 from impl.aiter import rocm_ops, support, triton_kernels
 from impl.backend import BackendOutput, BlockSizes, Capabilities, CaseParams, KnownIssue
-from impl.batch import BatchError, check_vllm_order
+from impl.batch import check_vllm_order
 from impl.backends.rocm_aiter_unified_attn import POW2_BLOCK_SIZES, TILE_MASK_ISSUE
 from impl.triton import cache_ops
 from impl.triton import merge_attn_states as merge_ops
