@@ -646,11 +646,12 @@ def merge_chain_step(prefix_out, prefix_lse, suffix_out, suffix_lse, prefix_boun
 
     (cp, cs the exact normalised weights; the computed state before its rounding is within
     ``carried`` of the exact ``merged``, hence the (1 + u_m); the ``last`` merge's output is
-    not rounded here: the rule's round_row and pt terms carry it). Worst case,
-    not probabilistic: in a long chain a low-precision running state stagnates (an update below
-    half an ulp is lost every time), so its roundings are neither independent nor mean-zero and
-    one pt realisation says nothing about another pipeline's; the bound grows with the number of
-    chunks. The chunk partials' own arithmetic is the pt variants' (each chunk a short pipeline)."""
+    not rounded here: the rule's round_row and pt terms carry it). The model-dtype part is a
+    worst case, not a probabilistic bound: in a long chain a low-precision running state
+    stagnates (an update below half an ulp is lost every time), so its roundings are neither
+    independent nor mean-zero, and one pt realisation says little about another pipeline's; the
+    bound grows with the number of chunks. The chunk partials' own arithmetic is the pt
+    variants' (each chunk is a short pipeline)."""
     p, s, _, cp, cs, _ = _merge_weights(prefix_lse, suffix_lse, engine)
     col = lambda x: x.transpose(-1, -2)[..., None]  # noqa: E731  [..., H, T] -> [..., T, H, 1]
     u = partials.unit_roundoff
