@@ -481,7 +481,7 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     lse = torch.full((hq, t), float("-inf"), dtype=F64, device=dev)
     sensitivity = torch.zeros(hq, t, dtype=F64, device=dev)
     step_out = torch.zeros_like(out) if with_output_step else None
-    chain = _chain_bound(out, partials, context_chunk_tokens)
+    chain = _chain_buffer(out, partials, context_chunk_tokens)
     knobs = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
                  alibi_slopes=alibi_slopes, engine=engine)
     rounding = dict(dtype=dtype, prescale=prescale, normalise=normalise)
@@ -513,7 +513,7 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     return (out, lse, *extra) + ((chain,) if chain is not None else ())
 
 
-def _chain_bound(out, partials: Optional[torch.dtype], context_chunk_tokens: Optional[int]):
+def _chain_buffer(out, partials: Optional[torch.dtype], context_chunk_tokens: Optional[int]):
     """The zeroed ``merge_chain_bound`` a paged pipeline fills when ``partials`` is given (None
     otherwise); only a chunked context has a merge chain."""
     if partials is None:
@@ -833,7 +833,7 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
     out = torch.zeros(T, N, w_uv.shape[-1], dtype=F64, device=dev)
     lse = torch.full((N, T), float("-inf"), dtype=F64, device=dev)
     sensitivity = torch.zeros(N, T, dtype=F64, device=dev)
-    chain = _chain_bound(out, partials, context_chunk_tokens)
+    chain = _chain_buffer(out, partials, context_chunk_tokens)
     qn, qp = fp.round_to(q_nope.to(F64), m_fmt), fp.round_to(q_pe.to(F64), m_fmt)
     wk, wv = fp.round_to(w_uk.to(F64), m_fmt), fp.round_to(w_uv.to(F64), m_fmt)
     kw = dict(scale=scale, dtype=dtype, prescale=prescale, normalise=normalise, engine=engine, projections=projections)
