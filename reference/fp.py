@@ -23,6 +23,8 @@ Imports nothing of this project (the reference stays an independent oracle).
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -96,20 +98,77 @@ def round_to(x: torch.Tensor, fmt: Optional[Format]) -> torch.Tensor:
     ``min_exp``: the subnormal range). Adding S = 1.5 * 2**(E + 53 - precision) puts |x| + S in a
     float64 binade whose spacing is exactly that, so the one float64 rounding of the sum is the
     rounding to ``fmt`` (ties to even: S is an even multiple of it) and subtracting S back is
-    exact. Nine elementwise operations, which matters: the live oracle calls this hundreds of
-    times per configuration. A result above ``max_finite`` is +-inf (IEEE overflow); NaN stays
-    NaN; the sign of x is kept (zero included).
+    exact. A result above ``max_finite`` is +-inf (IEEE overflow); NaN stays NaN; the sign of x
+    is kept (zero included).
+
+    Nine elementwise operations, each a pass over memory: the live oracle rounds its [B, H, Sq,
+    Sk] scores hundreds of times per configuration, and on a GPU these passes were most of its
+    time. A large CUDA tensor therefore goes through the same operations compiled into one
+    kernel (``fused_rounding``; the same bits, tests/reference/test_fp.py).
     """
     x = x.to(F64)
     if fmt is None:
         return x
+    if x.is_cuda and x.numel() >= FUSED_MIN_ELEMENTS and fused_rounding.enabled:
+        return fused_rounding(x, fmt)
+    return _round(x, *_round_constants(fmt))
+
+
+# 2**E from |x|'s exponent bits (float64 subnormals and zero: 2**min_exp); E is capped where
+# every format has long overflowed, so S stays finite
+def _round_constants(fmt: Format) -> tuple:
+    """(lowest and highest exponent bits, the bits that turn them into S, max_finite) of ``fmt``."""
+    return ((fmt.min_exp + 1023) << 52, (900 + 1023) << 52, ((53 - fmt.precision) << 52) | (1 << 51),
+            fmt.max_finite)
+
+
+def _round(x, lowest, highest, to_s, max_finite):
+    """``round_to``'s nine operations; the constants are numbers (eager) or 0-d tensors (compiled)."""
     a = x.abs()
-    # 2**E from a's exponent bits (float64 subnormals and zero: 2**min_exp); E is capped where
-    # every format has long overflowed, so S stays finite
-    e_bits = torch.clamp(a.view(torch.int64) & _EXPONENT_BITS, min=(fmt.min_exp + 1023) << 52, max=(900 + 1023) << 52)
-    s = (e_bits + (((53 - fmt.precision) << 52) | (1 << 51))).view(F64)
+    s = (torch.clamp(a.view(torch.int64) & _EXPONENT_BITS, min=lowest, max=highest) + to_s).view(F64)
     y = (a + s) - s
-    return torch.copysign(torch.where(y > fmt.max_finite, math.inf, y), x)
+    return torch.copysign(torch.where(y > max_finite, math.inf, y), x)
+
+
+FUSED_MIN_ELEMENTS = 1 << 16  # below this a tensor is rounded eagerly (a launch costs more than the passes)
+
+
+class _FusedRounding:
+    """``_round`` under ``torch.compile`` for CUDA tensors: one kernel instead of nine passes.
+
+    One graph serves every format and size (the tensor is flattened, dynamic, and the format's
+    constants are 0-d tensors on its device). ``enabled`` is False when ``ATTNCHECK_EAGER_ROUNDING=1``
+    or after a compilation failed (reported once on stderr): rounding is then eager, slower and
+    the same bits.
+    """
+
+    def __init__(self, backend: str = "inductor"):
+        self.enabled = os.environ.get("ATTNCHECK_EAGER_ROUNDING", "") != "1"
+        self.backend = backend  # tests trace the same graph on the CPU with backend="eager"
+        self._compiled = None
+        self._constants = {}
+
+    def _kernel(self):
+        if self._compiled is None:
+            self._compiled = torch.compile(_round, dynamic=True, fullgraph=True, backend=self.backend)
+        return self._compiled
+
+    def __call__(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
+        key = (fmt, x.device)
+        if key not in self._constants:
+            lowest, highest, to_s, max_finite = _round_constants(fmt)
+            ints = torch.tensor([lowest, highest, to_s], dtype=torch.int64, device=x.device)
+            self._constants[key] = (*ints.unbind(), torch.tensor(max_finite, dtype=F64, device=x.device))
+        try:
+            return self._kernel()(x.reshape(-1), *self._constants[key]).view(x.shape)
+        except Exception as e:  # an Inductor failure costs speed, never the result
+            print(f"attncheck: compiled rounding failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                  "rounding eagerly", file=sys.stderr)
+            self.enabled = False
+            return _round(x, *_round_constants(fmt))
+
+
+fused_rounding = _FusedRounding()
 
 
 def representable(x: torch.Tensor, fmt: Format) -> torch.Tensor:

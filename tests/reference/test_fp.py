@@ -138,3 +138,48 @@ def test_round_to_equals_exact_rational_rounding(fmt):
     got = fp.round_to(x, fmt)
     want = torch.tensor([_exact_rne(v, fmt) for v in x.tolist()], dtype=F64)
     assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+
+
+def _rounding_probe(device) -> torch.Tensor:
+    """Values over every binade any format has (subnormals to overflow), every bf16 and fp16
+    value with its midpoints, and the special values, float64."""
+    g = torch.Generator().manual_seed(1)
+    n = 1 << 18
+    spread = torch.randn(n, generator=g, dtype=F64) * torch.exp2(torch.randint(-160, 131, (n,), generator=g).to(F64))
+    grid = [spread]
+    for dtype in (torch.bfloat16, torch.float16):
+        v = torch.unique(_all_values(dtype))
+        grid += [v, (v[:-1] + v[1:]) / 2, -(v[:-1] + v[1:]) / 2]
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 2.0 ** -1074, 65520.0,
+                            float.fromhex("0x1.ffffffp127"), 448.0, 464.0, 240.0, 248.0], dtype=F64)
+    return torch.cat(grid + [special]).to(device)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns, any NaN equal to any NaN (their payloads are not part of the contract)."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a.view(torch.int64)[~nan], b.view(torch.int64)[~nan])
+
+
+@pytest.mark.parametrize("fmt", [fp.BF16, fp.FP16, fp.FP32, fp.E4M3FN, fp.E4M3FNUZ], ids=lambda f: f.name)
+def test_the_compiled_rounding_graph_is_round_to(fmt):
+    """What the GPU compiles (one graph: the tensor flattened, the format's constants as 0-d
+    tensors) traced on the CPU and run eagerly: the same bits as ``round_to``, shapes kept."""
+    fused = fp._FusedRounding(backend="eager")
+    x = _rounding_probe("cpu")
+    assert _same_bits(fused(x, fmt), fp.round_to(x, fmt))
+    square = x[: 512 * 400].reshape(512, 400).t()  # not contiguous
+    assert fused(square, fmt).shape == square.shape and _same_bits(fused(square, fmt), fp.round_to(square, fmt))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [fp.BF16, fp.FP16, fp.FP32, fp.E4M3FN, fp.E4M3FNUZ], ids=lambda f: f.name)
+def test_fused_rounding_on_cuda_is_bit_identical(fmt):
+    """The Inductor kernel ``round_to`` uses for large CUDA tensors gives the eager operations'
+    bits (on the GPU and against the CPU) on every value class."""
+    x = _rounding_probe("cuda")
+    assert x.numel() >= fp.FUSED_MIN_ELEMENTS and fp.fused_rounding.enabled
+    fused = fp.round_to(x, fmt)
+    assert fp.fused_rounding.enabled, "the compiled rounding failed and fell back to eager"
+    assert _same_bits(fused, fp._round(x, *fp._round_constants(fmt)))
+    assert _same_bits(fused.cpu(), fp.round_to(x.cpu(), fmt))
