@@ -127,3 +127,13 @@ def model_values(x: torch.Tensor, dtype: torch.dtype, device: Optional[torch.dev
     """float64 values rounded to ``dtype`` (written out), as a ``dtype`` tensor (exact cast)."""
     y = fp.round_to(x.to(F64), fp.format_of(dtype)).to(dtype)
     return y if device is None else y.to(device)
+
+
+HOST_METADATA = ("query_start_loc", "seq_lens")  # sizes the reference reads on the host (_row_blocks)
+
+
+def oracle_inputs(tensors: dict, device: torch.device) -> dict:
+    """A case's tensors where the oracle computes: everything on ``device`` but the sequence
+    bookkeeping, which the reference reads as Python numbers and which, on a GPU, would cost a
+    host sync at every read (each one waits for all the work queued by every process sharing it)."""
+    return {k: v.cpu() if k in HOST_METADATA else v.to(device) for k, v in tensors.items()}

@@ -148,7 +148,7 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     ``keep_device``: leave the results on ``compute_device`` (the live tiers) instead of the CPU.
     """
     dev = torch.device(compute_device)
-    t = {k: v.to(dev) for k, v in tensors.items()}
+    t = budgets.oracle_inputs(tensors, dev)
     kc, vc = t["key_cache"].clone(), t["value_cache"].clone()
     ref_paged.write_kv(t["key"], t["value"], kc, vc, t["slot_mapping"], k_scale=case.k_scale, v_scale=case.v_scale)
     batch = (t["query"], kc, vc, t["block_table"], t["query_start_loc"], t["seq_lens"])

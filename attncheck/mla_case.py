@@ -111,7 +111,7 @@ def expected_and_budgets(case, tensors: dict, compute_device="cpu", engine=em.EX
     ``keep_device``: leave the results on ``compute_device`` (the live tiers) instead of the CPU.
     """
     dev = torch.device(compute_device)
-    t = {k: v.to(dev) for k, v in tensors.items()}
+    t = budgets.oracle_inputs(tensors, dev)
     cache = t["kv_cache"].clone()
     ref_mla.write_latent(t["kv_c"], t["k_pe"], cache, t["slot_mapping"], case.kv_scale)
     batch = (t["q_nope"], t["q_pe"], cache, t["w_uk"], t["w_uv"], t["block_table"], t["query_start_loc"],

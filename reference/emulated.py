@@ -356,7 +356,11 @@ BATCH_ELEMENTS = 1 << 24  # FAST engine: query blocks are packed while a batch's
 class _Rows:
     """Blocks of query rows computed together: block i is rows ``first[i]`` .. ``first[i] +
     count[i] - 1`` of the batch, of sequence ``seq[i]`` (``ctx[i]`` context tokens, ``seq_len[i]``
-    keys), whose first new token is row ``q0[i]``. Tensors [B] (int64) on the batch's device."""
+    keys), whose first new token is row ``q0[i]``. Tensors [B] (int64) on the batch's device;
+    ``index`` [B, M] (the batch row of each block row, padding repeating the block's last row)
+    and ``valid`` [B, M]; ``put_to``/``put_from``: the batch rows of the valid entries and their
+    flat positions in [B * M] (what ``_put_rows`` scatters). ``host``: (ctx, seq_len) of the
+    blocks as Python lists, so that sizes never wait for the device."""
 
     seq: torch.Tensor
     first: torch.Tensor
@@ -364,27 +368,47 @@ class _Rows:
     q0: torch.Tensor
     ctx: torch.Tensor
     seq_len: torch.Tensor
-
-    def query_index(self):
-        """(rows [B, M] of the batch, valid [B, M]): padding rows repeat the block's last row."""
-        m = int(self.count.max())
-        j = torch.arange(m, device=self.first.device)
-        valid = j < self.count[:, None]
-        return self.first[:, None] + torch.minimum(j, self.count[:, None] - 1), valid
+    index: torch.Tensor
+    valid: torch.Tensor
+    put_to: torch.Tensor
+    put_from: torch.Tensor
+    host: tuple
 
     def positions(self, rows):
-        """[B, M]: the position in its sequence (context first) of each row of ``query_index``."""
+        """[B, M]: the position in its sequence (context first) of each row of ``index``."""
         return self.ctx[:, None] + (rows - self.q0[:, None])
 
+    @staticmethod
+    def build(blocks: list, device) -> "_Rows":
+        """From (seq, first, count, q0, ctx, seq_len) tuples: everything is computed on the host
+        and crosses to ``device`` in one copy (a host sync per tensor made on a GPU shared by
+        several processes waits for all of their work)."""
+        cols = torch.tensor(blocks, dtype=torch.int64).reshape(len(blocks), 6).t()
+        count, first = cols[2], cols[1]
+        j = torch.arange(int(count.max()) if len(blocks) else 0)
+        valid = j < count[:, None]
+        index = first[:, None] + torch.minimum(j, count[:, None] - 1)
+        put_from = valid.flatten().nonzero().flatten()
+        parts = [cols.flatten(), index.flatten(), valid.flatten().long(), index.flatten()[put_from], put_from]
+        host = torch.cat(parts)
+        if torch.device(device).type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(device, non_blocking=True)
+        sizes = [p.numel() for p in parts]
+        c, idx, val, put_to, put_from = flat.split(sizes)
+        c = c.reshape(6, -1)
+        return _Rows(*c.unbind(), idx.reshape(index.shape), val.reshape(valid.shape).bool(), put_to, put_from,
+                     (cols[4].tolist(), cols[5].tolist()))
 
-def _put_rows(dest, x, index, valid) -> None:
-    """dest [T, ...] at the batch's rows (``_Rows.query_index``) = x [B, M, ...], padding dropped."""
-    dest[index[valid]] = x[valid]
+
+def _put_rows(dest, x, rows: _Rows) -> None:
+    """dest [T, ...] at the batch's rows (``_Rows.index``) = x [B, M, ...], padding dropped."""
+    dest[rows.put_to] = x.reshape(-1, *x.shape[2:])[rows.put_from]
 
 
-def _put_columns(dest, x, index, valid) -> None:
+def _put_columns(dest, x, rows: _Rows) -> None:
     """dest [H, T] at the batch's rows = x [B, H, M] (an LSE or a sensitivity), padding dropped."""
-    dest[:, index[valid]] = x.permute(1, 0, 2)[:, valid]
+    dest[:, rows.put_to] = x.permute(1, 0, 2).reshape(x.shape[1], -1)[:, rows.put_from]
 
 
 def _row_blocks(query_start_loc, seq_lens, block_m, engine, device, heads: int, key_elements: int) -> list:
@@ -393,7 +417,8 @@ def _row_blocks(query_start_loc, seq_lens, block_m, engine, device, heads: int, 
     sequence's rows ``block_m`` at a time and packs blocks of similar key counts, padded, while a
     batch's biggest tensors stay under BATCH_ELEMENTS (a block bigger than that is a batch alone):
     blocks x keys x (heads x rows + key_elements), key_elements being what one key of one block
-    holds in the widest key tensor (per-head keys and values)."""
+    holds in the widest key tensor (per-head keys and values). ``query_start_loc`` and
+    ``seq_lens`` are read on the host (pass CPU copies: a device tensor costs a sync)."""
     qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
     blocks = []  # (seq, first, count, q0, ctx, seq_len)
     for b, seq_len in enumerate(lens):
@@ -414,13 +439,13 @@ def _row_blocks(query_start_loc, seq_lens, block_m, engine, device, heads: int, 
             rows, keys = r, k
         if current:
             groups.append(current)
-    as_tensor = lambda col: torch.tensor(col, dtype=torch.int64, device=device)  # noqa: E731
-    return [_Rows(*map(as_tensor, zip(*g))) for g in groups]
+    return [_Rows.build(g, device) for g in groups]
 
 
-def _span(start, length):
-    """(positions [B, max(length)], valid [B, max(length)]): start[i] + j for j < length[i], 0 beyond."""
-    n = int(length.max()) if length.numel() else 0
+def _span(start, length, longest: Optional[int] = None):
+    """(positions [B, N], valid [B, N]): start[i] + j for j < length[i], 0 beyond; N = max(length)
+    (``longest`` when the caller knows it on the host: reading it from a device tensor syncs)."""
+    n = longest if longest is not None else (int(length.max()) if length.numel() else 0)
     j = torch.arange(n, device=start.device)
     valid = j < length[:, None]
     return torch.where(valid, start[:, None] + j, torch.zeros_like(j)), valid
@@ -431,15 +456,17 @@ def _zero_beyond(x, valid):
     return torch.where(valid[(...,) + (None,) * (x.dim() - 2)], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _gather_keys(cache, block_table, seq, length, scale, m_fmt, new=None, new_from=None, q0=None):
-    """[B, max(length), Hkv, D] float64 (MLA: [B, max(length), L + R]): the first length[i]
-    tokens of sequence seq[i] from the paged cache, dequantised into the model format (fp8:
-    rnd_m(stored * scale)), 0 beyond length[i]. With ``new`` ([T, ...], the batch's new tokens),
-    tokens at or after ``new_from[i]`` are new token q0[i] + (position - new_from[i]) of ``new``
-    rounded to the model format instead (read before, or without, the cache)."""
-    pos, valid = _span(torch.zeros_like(length), length)
+def _gather_keys(cache, block_table, rows: "_Rows", scale, m_fmt, new=None):
+    """[B, max(seq_len), Hkv, D] float64 (MLA: [B, max(seq_len), L + R]): the first
+    rows.seq_len[i] tokens of sequence rows.seq[i] from the paged cache, dequantised into the
+    model format (fp8: rnd_m(stored * scale)), 0 beyond. With ``new`` ([T, ...], the batch's new
+    tokens), the new tokens' positions (from rows.ctx[i] on) hold new token rows.q0[i] + (position
+    - rows.ctx[i]) of ``new`` rounded to the model format instead (read before, or without, the
+    cache)."""
+    length, new_from, q0 = rows.seq_len, rows.ctx, rows.q0
+    pos, valid = _span(torch.zeros_like(length), length, max(rows.host[1]))
     bs = cache.shape[1]
-    blocks = block_table.to(cache.device).long()[seq[:, None], pos // bs]
+    blocks = block_table.to(cache.device).long()[rows.seq[:, None], pos // bs]
     x = cache[blocks, pos % bs].to(F64)
     if cache.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
         x = fp.round_to(x * float(scale), m_fmt)
@@ -487,10 +514,9 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
     rounding = dict(dtype=dtype, prescale=prescale, normalise=normalise)
     key_elements = key_cache.shape[2] * (key_cache.shape[3] + value_cache.shape[3])
     for rows in _row_blocks(query_start_loc, seq_lens, block_m, engine, dev, hq, key_elements):
-        fresh = dict(new_from=rows.ctx, q0=rows.q0) if new_key is not None else {}
-        k = _gather_keys(key_cache, block_table, rows.seq, rows.seq_len, k_scale, m_fmt, new=new_key, **fresh)
-        v = _gather_keys(value_cache, block_table, rows.seq, rows.seq_len, v_scale, m_fmt, new=new_value, **fresh)
-        index, valid = rows.query_index()
+        k = _gather_keys(key_cache, block_table, rows, k_scale, m_fmt, new=new_key)
+        v = _gather_keys(value_cache, block_table, rows, v_scale, m_fmt, new=new_value)
+        index = rows.index
         q = fp.round_to(query[index].to(F64), m_fmt)
         qpos = rows.positions(index)
         at = dict(qpos=qpos, key_len=rows.seq_len)
@@ -500,15 +526,15 @@ def paged_attention(query, key_cache, value_cache, block_table, query_start_loc,
             o, l, *bound = chunked_context_batch(
                 _mha_attend(dict(scale=scale, softcap=softcap, engine=engine, **rounding)), (q,), (k, v), qpos,
                 rows.ctx, rows.seq_len, chunk_tokens=context_chunk_tokens, dtype=dtype, engine=engine,
-                key_elements=key_elements, partials=partials)
+                key_elements=key_elements, partials=partials, host=rows.host)
             if chain is not None:
-                _put_rows(chain, bound[0], index, valid)
-        _put_rows(out, o, index, valid)
-        _put_columns(lse, l, index, valid)
+                _put_rows(chain, bound[0], rows)
+        _put_rows(out, o, rows)
+        _put_columns(lse, l, rows)
         if with_lse_sensitivity:
-            _put_columns(sensitivity, lse_sensitivity_batch(q, k, **at, **knobs), index, valid)
+            _put_columns(sensitivity, lse_sensitivity_batch(q, k, **at, **knobs), rows)
         if with_output_step:
-            _put_rows(step_out, output_step_batch(q, k, v, **at, **knobs, sinks=sinks), index, valid)
+            _put_rows(step_out, output_step_batch(q, k, v, **at, **knobs, sinks=sinks), rows)
     extra = ((sensitivity,) if with_lse_sensitivity else ()) + ((step_out,) if with_output_step else ())
     return (out, lse, *extra) + ((chain,) if chain is not None else ())
 
@@ -544,17 +570,17 @@ def _mha_attend(kw: dict):
     return attend
 
 
-def _slice_keys(k, start, length, row=None):
+def _slice_keys(k, start, length, row=None, longest: Optional[int] = None):
     """[R, max(length), ...]: keys start[i] .. start[i] + length[i] - 1 of row row[i] of k (default:
-    row i), 0 beyond."""
-    pos, valid = _span(start, length)
+    row i), 0 beyond (``longest``: max(length), when known on the host)."""
+    pos, valid = _span(start, length, longest)
     row = torch.arange(k.shape[0], device=k.device) if row is None else row
     return _zero_beyond(k[row[:, None], pos], valid)
 
 
 def chunked_context_batch(attend, queries: tuple, keys: tuple, qpos, ctx, seq_len, *, chunk_tokens: Optional[int],
                           dtype: torch.dtype = F64, engine=EXACT, key_elements: int = 0,
-                          partials: Optional[torch.dtype] = None):
+                          partials: Optional[torch.dtype] = None, host: Optional[tuple] = None):
     """vLLM's prefill with context for B rows at once: ``queries`` ([B, Sq, ...] tensors) at
     positions qpos [B, Sq] (context first) over ``keys`` ([B, Sk, ...] tensors) that hold row i's
     ctx[i] context keys, then its new keys up to seq_len[i]. The new tokens attend causally over
@@ -565,12 +591,16 @@ def chunked_context_batch(attend, queries: tuple, keys: tuple, qpos, ctx, seq_le
     causal)`` -> (out [B, Sq, H, Dv], lse [B, H, Sq]) is the attention of one pipeline;
     ``key_elements`` bounds the FAST engine's chunk batches as in ``_row_blocks``. With
     ``partials`` (the model dtype a real pipeline writes its partials in) also returns
-    ``merge_chain_bound`` [B, Sq, H, Dv] (absolute): see ``merge_chain_step``."""
+    ``merge_chain_bound`` [B, Sq, H, Dv] (absolute): see ``merge_chain_step``. ``host``: (ctx,
+    seq_len) as Python lists (``_Rows.host``), so that no size is read from the device."""
     nb, sq = queries[0].shape[:2]
+    ctx_host, len_host = host if host is not None else (ctx.tolist(), seq_len.tolist())
     n_new = seq_len - ctx
-    out, lse = attend(queries, tuple(_slice_keys(x, ctx, n_new) for x in keys), qpos - ctx[:, None], n_new, True)
+    most_new = max((s - c for c, s in zip(ctx_host, len_host)), default=0)
+    out, lse = attend(queries, tuple(_slice_keys(x, ctx, n_new, longest=most_new) for x in keys),
+                      qpos - ctx[:, None], n_new, True)
     chain = fp.format_of(partials) if partials is not None else None
-    longest = int(ctx.max()) if nb else 0
+    longest = max(ctx_host, default=0)
     if longest == 0:  # no context: nothing merged
         return (out, lse) if chain is None else (out, lse, torch.zeros_like(out))
     chunk = int(chunk_tokens) if chunk_tokens else longest
@@ -583,7 +613,9 @@ def chunked_context_batch(attend, queries: tuple, keys: tuple, qpos, ctx, seq_le
         row = torch.arange(nb, device=qpos.device).repeat_interleave(len(cs))
         start = cs.repeat(nb) * chunk
         length = (ctx[row] - start).clamp(0, chunk)
-        o, l = attend(tuple(x[row] for x in queries), tuple(_slice_keys(x, start, length, row) for x in keys),
+        widest = min(chunk, longest - c0 * chunk)  # max(length): the batch's first chunk of the longest context
+        o, l = attend(tuple(x[row] for x in queries),
+                      tuple(_slice_keys(x, start, length, row, longest=widest) for x in keys),
                       torch.zeros_like(qpos[row]), length, False)
         o, l = o.reshape(nb, len(cs), *o.shape[1:]), l.reshape(nb, len(cs), *l.shape[1:])
         for i in range(len(cs)):
@@ -840,23 +872,23 @@ def paged_mla(q_nope, q_pe, kv_cache, w_uk, w_uv, block_table, query_start_loc, 
     new = None if new_kv_c is None else torch.cat([new_kv_c, new_k_pe], dim=-1)
     key_elements = N * (w_uk.shape[2] + q_pe.shape[2] + w_uv.shape[2]) + kv_cache.shape[2]  # up-projected K, V; latent
     for rows in _row_blocks(query_start_loc, seq_lens, block_m, engine, dev, N, key_elements):
-        fresh = dict(new=new, new_from=rows.ctx, q0=rows.q0) if new is not None else {}
-        lat = _gather_keys(kv_cache, block_table, rows.seq, rows.seq_len, kv_scale, m_fmt, **fresh)
-        index, valid = rows.query_index()
+        lat = _gather_keys(kv_cache, block_table, rows, kv_scale, m_fmt, new=new)
+        index = rows.index
         queries, qpos = (qn[index], qp[index]), rows.positions(index)
         if context_chunk_tokens is not None:
             o, l, *bound = chunked_context_batch(_mla_attend(path, wk, wv, kw), queries, (lat,), qpos, rows.ctx,
                                                  rows.seq_len, chunk_tokens=context_chunk_tokens, dtype=dtype,
-                                                 engine=engine, key_elements=key_elements, partials=partials)
+                                                 engine=engine, key_elements=key_elements, partials=partials,
+                                                 host=rows.host)
             if chain is not None:
-                _put_rows(chain, bound[0], index, valid)
+                _put_rows(chain, bound[0], rows)
         else:
             o, l = MLA_BATCH_PATHS[path](*queries, lat, wk, wv, qpos, rows.seq_len, causal=True, **kw)
-        _put_rows(out, o, index, valid)
-        _put_columns(lse, l, index, valid)
+        _put_rows(out, o, rows)
+        _put_columns(lse, l, rows)
         if with_lse_sensitivity:
             _put_columns(sensitivity, _mla_lse_sensitivity(*queries, lat, wk, wv, scale, engine, qpos, rows.seq_len),
-                         index, valid)
+                         rows)
     return (out, lse) + ((sensitivity,) if with_lse_sensitivity else ()) + ((chain,) if chain is not None else ())
 
 
