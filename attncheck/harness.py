@@ -242,13 +242,18 @@ def _snapshot(batch) -> dict:
 
 def _inputs_written(batch, pristine: dict, cache_names: set, knobs_before: dict) -> list:
     """Names of the batch inputs that differ from the caller's tensors after the run."""
-    written = []
+    verdicts = {}  # name -> True (shape or dtype changed) or a bool tensor where the input lives
     for name, original in pristine.items():
         if name in cache_names or not isinstance(getattr(batch, name, None), torch.Tensor):
             continue
         now = getattr(batch, name).detach().to(original.device)
-        if now.dtype != original.dtype or now.shape != original.shape or not torch.equal(bits(now), bits(original)):
-            written.append(name)
+        same_kind = now.dtype == original.dtype and now.shape == original.shape
+        verdicts[name] = (bits(now) != bits(original)).any() if same_kind else True
+    flags = dict(verdicts)
+    for device in {f.device for f in verdicts.values() if isinstance(f, torch.Tensor)}:
+        names = [n for n, f in verdicts.items() if isinstance(f, torch.Tensor) and f.device == device]
+        flags.update(zip(names, torch.stack([verdicts[n] for n in names]).tolist()))  # one host sync per device
+    written = [name for name in verdicts if flags[name]]
     written += [k for k, val in _snapshot(batch).items() if knobs_before.get(k) != val]
     return written
 

@@ -108,9 +108,13 @@ def row_budget(expected: dict, k_row: float) -> torch.Tensor:
 
 def mean_budget(expected: dict, k_mean: float) -> float:
     """``k_mean * pt_err_mean + pipeline_mean + out_step_mean``."""
-    pt = expected["budget.pt_err_mean"]
-    return (k_mean * float(pt) + float(_term(expected, "budget.pipeline_mean", pt))
-            + float(_term(expected, "budget.out_step_mean", pt)))
+    return float(_mean_budget(expected, k_mean))
+
+
+def _mean_budget(expected: dict, k_mean: float) -> torch.Tensor:
+    """``mean_budget`` as a 0-d float64 tensor where the budgets live (read with the other numbers)."""
+    pt = expected["budget.pt_err_mean"].to(torch.float64)
+    return k_mean * pt + _term(expected, "budget.pipeline_mean", pt) + _term(expected, "budget.out_step_mean", pt)
 
 
 def row_ratios(err: torch.Tensor, expected: dict, k_row: float):
@@ -170,28 +174,35 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
     if not ok_shape:
         return result
     o = output.detach().to(ref.device, torch.float64)  # compared where the expected values live
-
     nonfinite = ~torch.isfinite(o)
-    if bool(nonfinite.any()):
+    o = torch.where(nonfinite, torch.zeros_like(o), o)
+    err = (o - ref).abs()
+    err_row, budget_row, ratio = row_ratios(err, expected, k_row)
+    bad = ratio > 1.0
+    # every number a passing check reports, read from the device at once (each read is a host sync)
+    zero = torch.zeros((), dtype=torch.float64, device=o.device)
+    numbers = torch.stack([nonfinite.any().to(torch.float64), ratio.max() if ratio.numel() else zero,
+                           bad.sum().to(torch.float64), err.mean(), _mean_budget(expected, k_mean),
+                           (o * ref).sum(), (o * o).sum() + (ref * ref).sum(), (o - ref).norm(), ref.norm(),
+                           err.max() if err.numel() else zero]).tolist()
+    any_nonfinite, worst, num_bad, mean_err, mean_allowed, num, den, diff_norm, ref_norm, max_abs = numbers
+
+    if any_nonfinite:
         idx = nonfinite.nonzero()
         rows = sorted({(int(t), int(h)) for t, h, _ in idx.tolist()})
         shown = "; ".join(_describe_row(locate, t, h) for t, h in rows[:WORST_ROWS])
         checks.append(Check("finite", False, f"{len(rows)} rows hold NaN/Inf where the reference is finite: {shown}"))
         result.failing_rows += [failing_row(locate, t, h, "finite") for t, h in rows[:WORST_ROWS]]
-        o = torch.where(nonfinite, torch.zeros_like(o), o)
     else:
         checks.append(Check("finite", True))
 
-    err = (o - ref).abs()
-    err_row, budget_row, ratio = row_ratios(err, expected, k_row)
-    result.worst_ratio = float(ratio.max()) if ratio.numel() else 0.0
-    bad = ratio > 1.0
-    if bool(bad.any()):
+    result.worst_ratio = worst
+    if num_bad:
         flat = ratio.flatten()
         order = torch.argsort(flat, descending=True)
         H = ratio.shape[1]
         rows = []
-        for i in order[: min(WORST_ROWS, int(bad.sum()))].tolist():
+        for i in order[: min(WORST_ROWS, int(num_bad))].tolist():
             t, h = divmod(i, H)
             rows.append(failing_row(locate, t, h, "per-row", float(err_row[t, h]), float(budget_row[t, h]),
                                     float(ratio[t, h])))
@@ -199,13 +210,11 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
         shown = "\n".join(f"      {r['where']}: error {r['error']:.3e}, budget {r['budget']:.3e}, ratio {r['ratio']:.2f}"
                           for r in rows)
         checks.append(Check(f"per-row (k={k_row:g})", False,
-                            f"{int(bad.sum())} of {bad.numel()} rows over budget, worst ratio "
+                            f"{int(num_bad)} of {bad.numel()} rows over budget, worst ratio "
                             f"{result.worst_ratio:.2f}; worst rows:\n{shown}"))
     else:
         checks.append(Check(f"per-row (k={k_row:g})", True, f"worst ratio {result.worst_ratio:.3f}"))
 
-    mean_err = float(err.mean())
-    mean_allowed = mean_budget(expected, k_mean)
     result.mean_ratio = mean_err / mean_allowed if mean_allowed > 0 else (0.0 if mean_err == 0 else float("inf"))
     checks.append(Check(f"mean (k={k_mean:g})", result.mean_ratio <= 1.0,
                         f"mean error {mean_err:.3e}, budget {mean_allowed:.3e}, ratio {result.mean_ratio:.3f}"))
@@ -215,12 +224,10 @@ def compare_output(output: torch.Tensor, expected: dict, *, k_row: float, k_mean
         checks.append(lse_check)
         result.failing_rows += lse_rows
 
-    num = float((o * ref).sum())
-    den = float((o * o).sum() + (ref * ref).sum())
     result.diagnostics = {
         "cos_distance": (1.0 - 2.0 * num / den) if den > 0 else 0.0,
-        "rel_l2": float((o - ref).norm() / ref.norm()) if float(ref.norm()) > 0 else float((o - ref).norm()),
-        "max_abs": float(err.max()) if err.numel() else 0.0,
+        "rel_l2": diff_norm / ref_norm if ref_norm > 0 else diff_norm,
+        "max_abs": max_abs,
     }
     result.passed = all(c.passed for c in checks)
     return result
@@ -232,30 +239,33 @@ def _compare_lse(lse: torch.Tensor, expected: dict, k: float, locate) -> tuple[C
     if tuple(lse.shape) != tuple(ref.shape):
         return Check("lse", False, f"shape {tuple(lse.shape)}, expected {tuple(ref.shape)} ([heads, tokens])"), []
     got = lse.detach().to(ref.device, torch.float64)
-    if bool(torch.isnan(got).any()):
-        h, t = got.isnan().nonzero()[0].tolist()
-        return Check("lse", False, f"NaN LSE at {_describe_row(locate, t, h)}"), [failing_row(locate, t, h, "lse")]
     ref_inf, got_inf = torch.isneginf(ref), torch.isneginf(got)
-    if bool(torch.isposinf(got).any()):
-        h, t = torch.isposinf(got).nonzero()[0].tolist()
-        return (Check("lse", False, f"+inf LSE (empty rows must be -inf) at {_describe_row(locate, t, h)}"),
-                [failing_row(locate, t, h, "lse", error=float("inf"))])
-    if not torch.equal(ref_inf, got_inf):
-        h, t = (ref_inf ^ got_inf).nonzero()[0].tolist()
-        return (Check("lse", False, f"-inf pattern differs (reference {float(ref[h, t])}, got {float(got[h, t])}) "
-                                    f"at {_describe_row(locate, t, h)}"),
-                [failing_row(locate, t, h, "lse", error=float("inf"))])
     fin = ~ref_inf
     diff = torch.where(fin, (got - ref).abs(), torch.zeros_like(ref))
     budget = lse_budget(expected, k)
     bad = (diff > budget) & fin
-    if bool(bad.any()):
+    # what decides the check, read at once (each read from a device is a host sync)
+    has_nan, has_posinf, inf_differs, num_bad = torch.stack([
+        torch.isnan(got).any(), torch.isposinf(got).any(), (ref_inf ^ got_inf).any(), bad.sum()]).tolist()
+    if has_nan:
+        h, t = got.isnan().nonzero()[0].tolist()
+        return Check("lse", False, f"NaN LSE at {_describe_row(locate, t, h)}"), [failing_row(locate, t, h, "lse")]
+    if has_posinf:
+        h, t = torch.isposinf(got).nonzero()[0].tolist()
+        return (Check("lse", False, f"+inf LSE (empty rows must be -inf) at {_describe_row(locate, t, h)}"),
+                [failing_row(locate, t, h, "lse", error=float("inf"))])
+    if inf_differs:
+        h, t = (ref_inf ^ got_inf).nonzero()[0].tolist()
+        return (Check("lse", False, f"-inf pattern differs (reference {float(ref[h, t])}, got {float(got[h, t])}) "
+                                    f"at {_describe_row(locate, t, h)}"),
+                [failing_row(locate, t, h, "lse", error=float("inf"))])
+    if num_bad:
         ratio = torch.where(fin, diff / budget, torch.zeros_like(diff))
         h, t = divmod(int(torch.argmax(ratio)), ratio.shape[1])
-        order = torch.argsort(ratio.flatten(), descending=True)[: min(WORST_ROWS, int(bad.sum()))].tolist()
+        order = torch.argsort(ratio.flatten(), descending=True)[: min(WORST_ROWS, int(num_bad))].tolist()
         rows = [failing_row(locate, i % ratio.shape[1], i // ratio.shape[1], "lse", float(diff.flatten()[i]),
                             float(budget.flatten()[i]), float(ratio.flatten()[i])) for i in order]
-        return (Check("lse", False, f"{int(bad.sum())} LSE rows over budget; worst {_describe_row(locate, t, h)}: "
+        return (Check("lse", False, f"{int(num_bad)} LSE rows over budget; worst {_describe_row(locate, t, h)}: "
                                     f"got {float(got[h, t]):.6f}, reference {float(ref[h, t]):.6f}"), rows)
     return Check("lse", True), []
 
@@ -280,19 +290,23 @@ def compare_cache(name: str, before: torch.Tensor, after: torch.Tensor, slot_map
     slots = slot_mapping.to(dev).long()
     got = flat_after[slots]
     want = bits(expected_slots.to(dev))
-    if not torch.equal(got, want):
-        mism = (got != want).reshape(got.shape[0], -1).any(dim=1).nonzero().flatten()
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return Check(f"{name} write", False, f"expected slot values {want.dtype} {tuple(want.shape)} do not match "
+                                             f"the cache's {got.dtype} {tuple(got.shape)}")
+    wrong = (got != want).flatten(1).any(dim=1)  # [new tokens]
+    changed = (flat_after != flat_before).flatten(1).any(dim=1)  # [slots]
+    changed[slots] = False  # the new tokens' slots are judged by ``wrong``
+    any_wrong, any_changed = torch.stack([wrong.any(), changed.any()]).tolist()  # one host sync
+    if any_wrong:
+        mism = wrong.nonzero().flatten()
         t = int(mism[0])
         bs = before.shape[1]
         slot = int(slots[t])
         return Check(f"{name} write", False,
                      f"{len(mism)} new tokens written wrongly; first: token row {t} -> slot {slot} "
                      f"(block {slot // bs}, offset {slot % bs})")
-    untouched = torch.ones(flat_before.shape[0], dtype=torch.bool, device=dev)
-    untouched[slots] = False
-    if not torch.equal(flat_after[untouched], flat_before[untouched]):
-        changed = (flat_after[untouched] != flat_before[untouched]).reshape(int(untouched.sum()), -1).any(dim=1)
-        slot = int(untouched.nonzero().flatten()[changed.nonzero().flatten()[0]])
+    if any_changed:
+        slot = int(changed.nonzero().flatten()[0])
         bs = before.shape[1]
         return Check(f"{name} write", False,
                      f"slot {slot} (block {slot // bs}, offset {slot % bs}) changed but no new token maps to it")

@@ -62,6 +62,17 @@ def _check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
     _need(t.dim() == ndim, f"{name}: expected {shape_doc}, got shape {tuple(t.shape)}")
 
 
+def _to_host(*tensors: torch.Tensor) -> list:
+    """CPU int64 copies of small index tensors, crossing from a device in one copy: every copy
+    of a GPU tensor to the host is a sync, which on a GPU shared by several processes waits for
+    all of their queued work."""
+    devices = {t.device for t in tensors}
+    if len(devices) == 1 and next(iter(devices)).type != "cpu":
+        flat = torch.cat([t.reshape(-1).long() for t in tensors]).cpu()
+        return [p.reshape(t.shape) for p, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    return [t.cpu().long() for t in tensors]
+
+
 def _check_positive_number(name: str, x) -> None:
     """A real, finite, strictly positive number (softmax and fp8 scales, softcap)."""
     _need(isinstance(x, numbers.Real) and not isinstance(x, bool),
@@ -133,12 +144,12 @@ class _PagedBatch:
               f"block_table: expected {B} rows (one per sequence), got {self.block_table.shape[0]}")
         _need(self.slot_mapping.shape[0] == T,
               f"slot_mapping: expected {T} entries (one per query token), got {self.slot_mapping.shape[0]}")
-        qsl = self.query_start_loc.tolist()
+        host = _to_host(self.query_start_loc, self.seq_lens, self.block_table, self.slot_mapping)
+        qsl, slens, table, slots = (t.tolist() for t in host)
         _need(qsl[0] == 0 and qsl[-1] == T,
               f"query_start_loc: must start at 0 and end at num_tokens {T}, got {qsl[0]}..{qsl[-1]}")
         qlens = [qsl[i + 1] - qsl[i] for i in range(B)]
         _need(all(x >= 1 for x in qlens), f"query_start_loc: must be strictly increasing, got {qsl}")
-        slens = self.seq_lens.tolist()
         max_blocks = self.block_table.shape[1]
         for b in range(B):
             _need(slens[b] >= qlens[b],
@@ -147,23 +158,20 @@ class _PagedBatch:
             _need(need_blocks <= max_blocks,
                   f"block_table: sequence {b} needs {need_blocks} blocks of {block_size}, table has {max_blocks} columns")
             if need_blocks:
-                used = self.block_table[b, :need_blocks]
-                lo, hi = int(used.min()), int(used.max())
+                used = table[b][:need_blocks]
+                lo, hi = min(used), max(used)
                 _need(lo >= 0 and hi < num_blocks,
                       f"block_table: sequence {b} uses block {lo if lo < 0 else hi}, "
                       f"out of range [0, {num_blocks}) for a cache of {num_blocks} blocks")
-        sm = self.slot_mapping
-        _need(int(sm.min()) >= 0 and int(sm.max()) < num_blocks * block_size,
-              f"slot_mapping: slots must lie in [0, {num_blocks * block_size}), got {int(sm.min())}..{int(sm.max())}")
+        _need(not slots or (min(slots) >= 0 and max(slots) < num_blocks * block_size),
+              f"slot_mapping: slots must lie in [0, {num_blocks * block_size}), got {min(slots)}..{max(slots)}")
         # Each new token goes to its own position in its own sequence's blocks; anything else
         # (a duplicate, a slot in another sequence's block) makes the cache write overwrite keys.
-        slots = sm.tolist()
         seen: dict = {}
         for t, slot in enumerate(slots):
             _need(slot not in seen, f"slot_mapping: tokens {seen.get(slot)} and {t} both write slot {slot}; "
                                     "each new token needs its own slot")
             seen[slot] = t
-        table = self.block_table.tolist()
         for b in range(B):
             context = slens[b] - qlens[b]
             for i in range(qlens[b]):
@@ -173,7 +181,7 @@ class _PagedBatch:
                       f"slot_mapping: token {t} (sequence {b}, position {pos}) must write slot {want} "
                       f"(block_table[{b}, {pos // block_size}] * {block_size} + {pos % block_size}), got {slots[t]}")
         if not allow_unordered:
-            check_vllm_order(self.row_kinds())
+            check_vllm_order(classify_rows(qlens, slens))
 
 
 @dataclass

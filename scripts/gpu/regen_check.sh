@@ -6,6 +6,7 @@
 # 2. Every stored MHA/MLA case's expected.* and budget.* recomputed on CUDA from the stored inputs
 #    (reference.emulated's EXACT engine: float64 with written-out roundings, fixed-order sums)
 #    and compared byte for byte with the store.
+# LEVELS (default "default avx2 avx512"; empty: the CUDA part alone) picks step 1's levels.
 # Writes $OUT/regen_check.txt. Expected: every level "exit 0; N of N stored cases unchanged",
 # and "cuda: N cases, 0 differ".
 set -u
@@ -18,7 +19,7 @@ python3 -c "import torch, platform; print('torch', torch.__version__, 'python', 
 # minutes in one process); each job is `golden regen --check --case ...` on a few cases.
 JOBS=${JOBS:-$(nproc)}
 CASES=${CASES:-$(python3 -c "from attncheck import golden; print(' '.join(c.name for c in golden.stored_cases()))")}
-for level in default avx2 avx512; do
+for level in ${LEVELS-default avx2 avx512}; do
   echo "== ATEN_CPU_CAPABILITY=$level" | tee -a "$LOG"
   ATEN_CPU_CAPABILITY=$level python3 -c "import torch; print('capability', torch.backends.cpu.get_cpu_capability())" | tee -a "$LOG"
   echo $CASES | tr ' ' '\n' | ATEN_CPU_CAPABILITY=$level xargs -P "$JOBS" -n 3 python3 -m attncheck golden regen --check --case \
