@@ -183,3 +183,14 @@ def test_fused_rounding_on_cuda_is_bit_identical(fmt):
     assert fp.fused_rounding.enabled, "the compiled rounding failed and fell back to eager"
     assert _same_bits(fused, fp._round(x, *fp._round_constants(fmt)))
     assert _same_bits(fused.cpu(), fp.round_to(x.cpu(), fmt))
+
+
+def test_fused_rounding_falls_back_to_the_same_bits_and_says_so(capsys, monkeypatch):
+    """A compilation that fails costs speed, never the result, and is reported once; the
+    environment switch turns the compiled path off."""
+    broken = fp._FusedRounding(backend="no-such-backend")
+    x = _rounding_probe("cpu")
+    assert _same_bits(broken(x, fp.BF16), fp.round_to(x, fp.BF16))
+    assert not broken.enabled and "compiled rounding failed" in capsys.readouterr().err
+    monkeypatch.setenv("ATTNCHECK_EAGER_ROUNDING", "1")
+    assert not fp._FusedRounding().enabled
