@@ -177,7 +177,7 @@ def run_backend(backend, case, device="cpu", tensors: Optional[dict] = None,
     (``inputs``, caches before the run included), the backend's ``output`` and ``lse`` and
     the ``caches`` after the run (when the backend ran).
     """
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     case = _case_obj(case, device)
     if isinstance(backend, str):
         try:
@@ -214,6 +214,7 @@ def run_backend(backend, case, device="cpu", tensors: Optional[dict] = None,
         return v
     finally:
         v.seconds = time.perf_counter() - t0
+        v.timings["started"] = started
         if case.tier == "sweep" and v.status in ("fail", "error", "xfail"):
             # not a catalogue row: the name alone does not say what ran
             v.report = f"case {case.name}: {sweep.describe(case)}\n{v.report}"

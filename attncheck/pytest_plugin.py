@@ -480,7 +480,7 @@ def run_summary(config, verdicts: list) -> dict:
 
     clock = config.stash.get(_CLOCK, {"start": time.time()})
     wall = time.time() - clock["start"]
-    out = {"timing": timing.summary(verdicts, wall, _workers(config))}
+    out = {"timing": timing.summary(verdicts, wall, _workers(config), started=clock["start"])}
     settings = config.stash.get(_SETTINGS, None)
     if settings is not None and settings.tier == "sweep":
         from attncheck import backends

@@ -12,10 +12,13 @@ Each verdict carries ``timings`` (seconds per phase of that one check):
   on-disk cache hit is counted too, and is fast); ``compiles`` their number, ``kernels`` the
   specialisations compiled (``name:key-hash``); ``graphs``: new torch.compile graphs (dynamo);
 * ``compare``: the rule, the cache and input checks;
-* ``worker`` / ``gpu``: the pytest-xdist worker and the device it was pinned to.
+* ``worker`` / ``gpu``: the pytest-xdist worker and the device it was pinned to;
+* ``started``: when the check began (epoch seconds), which places it in its worker's run.
 
 ``summary(verdicts, wall)`` adds them up for the report: totals per phase and per backend,
-distinct kernel specialisations, checks per second, and what is left for pytest itself.
+distinct kernel specialisations, checks per second, and the workers' time outside checks,
+split (``outside``) into start-up (until a worker's first check: imports, CUDA, collection),
+between checks (pytest, xdist, waiting for work) and after its last check (until the run ends).
 Under the Triton interpreter (CPU) nothing is compiled, so compile counts stay 0.
 """
 
@@ -130,8 +133,10 @@ def where() -> dict:
 
 # ---- totals -------------------------------------------------------------------------------------
 
-def summary(verdicts: list, wall_seconds: float | None = None, workers: int = 1) -> dict:
-    """Totals of the verdicts' timings: per phase, per backend, compilations, throughput."""
+def summary(verdicts: list, wall_seconds: float | None = None, workers: int = 1,
+            started: float | None = None) -> dict:
+    """Totals of the verdicts' timings: per phase, per backend, compilations, throughput; with
+    the run's start (epoch seconds) and wall time, where the workers' time outside checks went."""
     phases = defaultdict(float)
     per_backend: dict = defaultdict(lambda: defaultdict(float))
     kernels: set = set()
@@ -173,7 +178,31 @@ def summary(verdicts: list, wall_seconds: float | None = None, workers: int = 1)
         out["checks_per_second"] = round(checks / wall_seconds, 2)
         # what the workers spent outside the checks: start-up, collection, pytest and xdist
         out["outside_checks_seconds"] = round(max(0.0, wall_seconds * max(workers, 1) - busy), 3)
+        if started is not None:
+            out["outside"] = _outside(verdicts, started, started + wall_seconds, workers)
     return out
+
+
+def _outside(verdicts: list, run_start: float, run_end: float, workers: int) -> dict:
+    """Seconds of the workers' time outside checks: before each worker's first check, between
+    its checks, after its last one, and ``idle_workers`` (workers that ran no check at all);
+    ``start_up_max``: the slowest worker's start-up."""
+    spans: dict = defaultdict(list)  # worker -> [(start, seconds)]
+    for v in verdicts:
+        t = getattr(v, "timings", None) or {}
+        if "started" in t:
+            spans[t.get("worker", "?")].append((float(t["started"]), v.seconds))
+    start_up, between, after, ups = 0.0, 0.0, 0.0, []
+    for checks in spans.values():
+        first = min(s for s, _ in checks)
+        last_end = max(s + d for s, d in checks)
+        ups.append(first - run_start)
+        between += max(0.0, (last_end - first) - sum(d for _, d in checks))
+        after += max(0.0, run_end - last_end)
+    start_up = sum(ups)
+    idle = max(0, max(workers, 1) - len(spans)) * (run_end - run_start)
+    return {"start_up": round(start_up, 3), "start_up_max": round(max(ups, default=0.0), 3),
+            "between_checks": round(between, 3), "after_last_check": round(after, 3), "idle_workers": round(idle, 3)}
 
 
 def render(s: dict) -> str:
@@ -182,6 +211,11 @@ def render(s: dict) -> str:
                                         f"{s['workers']} worker(s))" if "wall_seconds" in s else "")]
     lines.append("time in checks (all workers): " + ", ".join(f"{p} {ph.get(p, 0.0):.1f} s" for p in PHASES)
                  + f"; outside checks {s.get('outside_checks_seconds', 0.0):.1f} s")
+    if "outside" in s:
+        o = s["outside"]
+        lines.append(f"outside checks: start-up {o['start_up']:.1f} s (slowest worker {o['start_up_max']:.1f} s), "
+                     f"between checks {o['between_checks']:.1f} s, after the last check {o['after_last_check']:.1f} s"
+                     + (f", workers that ran nothing {o['idle_workers']:.1f} s" if o["idle_workers"] else ""))
     lines.append(f"compilations: {s['triton_compiles']} Triton ({s['distinct_kernel_specialisations']} distinct "
                  f"specialisations, {ph.get('compile', 0.0):.1f} s), {s['torch_compile_graphs']} torch.compile graphs")
     for b, d in s["per_backend"].items():

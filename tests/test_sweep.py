@@ -357,6 +357,41 @@ def test_compilations_are_counted_through_tritons_hooks():
     assert nothing.compiles == 0
 
 
+def test_the_time_outside_checks_is_split_per_worker():
+    """Start-up, gaps and the tail of each worker, from the checks' start times and durations
+    (two workers over a 10-s run; a third ran nothing): they add up to the time outside checks."""
+    def check(worker, started, seconds):
+        return harness.Verdict(backend="B", case="c", status="pass", seconds=seconds,
+                               timings={"worker": worker, "started": 100.0 + started, "backend": 0.0})
+    verdicts = [check("gw0", 2.0, 1.0), check("gw0", 4.0, 3.0), check("gw1", 5.0, 4.0)]
+    s = timing.summary(verdicts, wall_seconds=10.0, workers=3, started=100.0)
+    o = s["outside"]
+    assert (o["start_up"], o["start_up_max"]) == (2.0 + 5.0, 5.0)
+    assert o["between_checks"] == 1.0  # gw0 idle from 3 s to 4 s
+    assert o["after_last_check"] == (10.0 - 7.0) + (10.0 - 9.0)
+    assert o["idle_workers"] == 10.0
+    parts = o["start_up"] + o["between_checks"] + o["after_last_check"] + o["idle_workers"]
+    assert parts == pytest.approx(s["outside_checks_seconds"])
+    assert "between checks 1.0 s" in timing.render(s)
+
+
+def test_a_real_run_reports_where_its_outside_time_went(tmp_path):
+    """Under xdist every verdict carries its start, and the JSON's split of the time outside
+    checks accounts for all of it (up to the controller's start-up and report, which no worker sees)."""
+    out = tmp_path / "v.json"
+    r = attncheck("verify", "--device", "cpu", "--tier", "sweep", "--count", "6", "--backend", "TORCH_SDPA",
+                  "-n", "2", "--json", str(out), "--profile")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    t = data["timing"]
+    assert all("started" in v["timings"] for v in data["verdicts"])
+    o = t["outside"]
+    assert o["start_up"] > 0 and o["after_last_check"] >= 0 and o["between_checks"] >= 0
+    parts = o["start_up"] + o["between_checks"] + o["after_last_check"] + o["idle_workers"]
+    assert parts == pytest.approx(t["outside_checks_seconds"], abs=0.05 * t["wall_seconds"])
+    assert "outside checks: start-up" in r.stdout
+
+
 # ---- a planted bug the stored tiers miss and the sweep catches ---------------------------------------
 
 WINDOW_IGNORED_WITH_ALIBI = [("            if USE_WINDOW:\n                vis = vis & ((qpos",

@@ -72,6 +72,7 @@ if s:
     print(f"   configurations run {s['configurations_run']} of {s['configurations_drawn']}, "
           f"time budget reached: {s['time_budget_reached']}")
 print(f"   phases (s, all workers): {t.get('phases')}; outside checks {t.get('outside_checks_seconds')} s")
+print(f"   outside checks split (s, all workers): {t.get('outside')}")
 print(f"   Triton compiles {t.get('triton_compiles')} ({t.get('distinct_kernel_specialisations')} distinct), "
       f"torch.compile graphs {t.get('torch_compile_graphs')}; checks per worker {t.get('checks_per_worker')}")
 for b, x in t.get("per_backend", {}).items():
