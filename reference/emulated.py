@@ -354,22 +354,18 @@ BATCH_ELEMENTS = 1 << 24  # FAST engine: query blocks are packed while a batch's
 
 @dataclass(frozen=True)
 class _Rows:
-    """Blocks of query rows computed together: block i is rows ``first[i]`` .. ``first[i] +
-    count[i] - 1`` of the batch, of sequence ``seq[i]`` (``ctx[i]`` context tokens, ``seq_len[i]``
-    keys), whose first new token is row ``q0[i]``. Tensors [B] (int64) on the batch's device;
-    ``index`` [B, M] (the batch row of each block row, padding repeating the block's last row)
-    and ``valid`` [B, M]; ``put_to``/``put_from``: the batch rows of the valid entries and their
-    flat positions in [B * M] (what ``_put_rows`` scatters). ``host``: (ctx, seq_len) of the
-    blocks as Python lists, so that sizes never wait for the device."""
+    """Blocks of query rows computed together: block i holds rows of sequence ``seq[i]``
+    (``ctx[i]`` context tokens, ``seq_len[i]`` keys) whose first new token is batch row
+    ``q0[i]``; ``index`` [B, M] is the batch row of each block row (padding repeats the block's
+    last row). Tensors (int64) on the batch's device; ``put_to``/``put_from``: the batch rows of
+    the real (not padding) entries and their flat positions in [B * M] (what ``_put_rows``
+    scatters). ``host``: (ctx, seq_len) as Python lists, so that sizes never wait for the device."""
 
     seq: torch.Tensor
-    first: torch.Tensor
-    count: torch.Tensor
     q0: torch.Tensor
     ctx: torch.Tensor
     seq_len: torch.Tensor
     index: torch.Tensor
-    valid: torch.Tensor
     put_to: torch.Tensor
     put_from: torch.Tensor
     host: tuple
@@ -380,25 +376,22 @@ class _Rows:
 
     @staticmethod
     def build(blocks: list, device) -> "_Rows":
-        """From (seq, first, count, q0, ctx, seq_len) tuples: everything is computed on the host
-        and crosses to ``device`` in one copy (a host sync per tensor made on a GPU shared by
-        several processes waits for all of their work)."""
-        cols = torch.tensor(blocks, dtype=torch.int64).reshape(len(blocks), 6).t()
-        count, first = cols[2], cols[1]
-        j = torch.arange(int(count.max()) if len(blocks) else 0)
-        valid = j < count[:, None]
+        """From (seq, first, count, q0, ctx, seq_len) tuples (block i is rows first .. first +
+        count - 1): everything is computed on the host and crosses to ``device`` in one copy (a
+        host sync per tensor made on a GPU shared by several processes waits for all their work)."""
+        seq, first, count, q0, ctx, seq_len = torch.tensor(blocks, dtype=torch.int64).reshape(len(blocks), 6).t()
+        j = torch.arange(int(count.max()))
+        valid = (j < count[:, None]).flatten()
         index = first[:, None] + torch.minimum(j, count[:, None] - 1)
-        put_from = valid.flatten().nonzero().flatten()
-        parts = [cols.flatten(), index.flatten(), valid.flatten().long(), index.flatten()[put_from], put_from]
+        put_from = valid.nonzero().flatten()
+        parts = [seq, q0, ctx, seq_len, index.flatten(), index.flatten()[put_from], put_from]
         host = torch.cat(parts)
         if torch.device(device).type == "cuda":
             host = host.pin_memory()
-        flat = host.to(device, non_blocking=True)
-        sizes = [p.numel() for p in parts]
-        c, idx, val, put_to, put_from = flat.split(sizes)
-        c = c.reshape(6, -1)
-        return _Rows(*c.unbind(), idx.reshape(index.shape), val.reshape(valid.shape).bool(), put_to, put_from,
-                     (cols[4].tolist(), cols[5].tolist()))
+        seq, q0, ctx, seq_len, index_d, put_to, put_from = host.to(device, non_blocking=True).split(
+            [p.numel() for p in parts])
+        return _Rows(seq, q0, ctx, seq_len, index_d.reshape(index.shape), put_to, put_from,
+                     (parts[2].tolist(), parts[3].tolist()))
 
 
 def _put_rows(dest, x, rows: _Rows) -> None:
