@@ -192,16 +192,15 @@ def _outside(verdicts: list, run_start: float, run_end: float, workers: int) -> 
         t = getattr(v, "timings", None) or {}
         if "started" in t:
             spans[t.get("worker", "?")].append((float(t["started"]), v.seconds))
-    start_up, between, after, ups = 0.0, 0.0, 0.0, []
+    between, after, ups = 0.0, 0.0, []
     for checks in spans.values():
         first = min(s for s, _ in checks)
         last_end = max(s + d for s, d in checks)
         ups.append(first - run_start)
         between += max(0.0, (last_end - first) - sum(d for _, d in checks))
         after += max(0.0, run_end - last_end)
-    start_up = sum(ups)
     idle = max(0, max(workers, 1) - len(spans)) * (run_end - run_start)
-    return {"start_up": round(start_up, 3), "start_up_max": round(max(ups, default=0.0), 3),
+    return {"start_up": round(sum(ups), 3), "start_up_max": round(max(ups, default=0.0), 3),
             "between_checks": round(between, 3), "after_last_check": round(after, 3), "idle_workers": round(idle, 3)}
 
 

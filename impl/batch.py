@@ -62,15 +62,15 @@ def _check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
     _need(t.dim() == ndim, f"{name}: expected {shape_doc}, got shape {tuple(t.shape)}")
 
 
-def _to_host(*tensors: torch.Tensor) -> list:
-    """CPU int64 copies of small index tensors, crossing from a device in one copy: every copy
-    of a GPU tensor to the host is a sync, which on a GPU shared by several processes waits for
-    all of their queued work."""
+def _host_lists(*tensors: torch.Tensor) -> list:
+    """Small index tensors as Python lists, crossing from a device in one copy: every copy of a
+    GPU tensor to the host is a sync, which on a GPU shared by several processes waits for all
+    of their queued work."""
     devices = {t.device for t in tensors}
     if len(devices) == 1 and next(iter(devices)).type != "cpu":
         flat = torch.cat([t.reshape(-1).long() for t in tensors]).cpu()
-        return [p.reshape(t.shape) for p, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-    return [t.cpu().long() for t in tensors]
+        return [p.reshape(t.shape).tolist() for p, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    return [t.tolist() for t in tensors]
 
 
 def _check_positive_number(name: str, x) -> None:
@@ -144,8 +144,8 @@ class _PagedBatch:
               f"block_table: expected {B} rows (one per sequence), got {self.block_table.shape[0]}")
         _need(self.slot_mapping.shape[0] == T,
               f"slot_mapping: expected {T} entries (one per query token), got {self.slot_mapping.shape[0]}")
-        host = _to_host(self.query_start_loc, self.seq_lens, self.block_table, self.slot_mapping)
-        qsl, slens, table, slots = (t.tolist() for t in host)
+        qsl, slens, table, slots = _host_lists(self.query_start_loc, self.seq_lens, self.block_table,
+                                               self.slot_mapping)
         _need(qsl[0] == 0 and qsl[-1] == T,
               f"query_start_loc: must start at 0 and end at num_tokens {T}, got {qsl[0]}..{qsl[-1]}")
         qlens = [qsl[i + 1] - qsl[i] for i in range(B)]
@@ -163,7 +163,7 @@ class _PagedBatch:
                 _need(lo >= 0 and hi < num_blocks,
                       f"block_table: sequence {b} uses block {lo if lo < 0 else hi}, "
                       f"out of range [0, {num_blocks}) for a cache of {num_blocks} blocks")
-        _need(not slots or (min(slots) >= 0 and max(slots) < num_blocks * block_size),
+        _need(min(slots) >= 0 and max(slots) < num_blocks * block_size,
               f"slot_mapping: slots must lie in [0, {num_blocks * block_size}), got {min(slots)}..{max(slots)}")
         # Each new token goes to its own position in its own sequence's blocks; anything else
         # (a duplicate, a slot in another sequence's block) makes the cache write overwrite keys.

@@ -114,10 +114,10 @@ def round_to(x: torch.Tensor, fmt: Optional[Format]) -> torch.Tensor:
     return _round(x, *_round_constants(fmt))
 
 
-# 2**E from |x|'s exponent bits (float64 subnormals and zero: 2**min_exp); E is capped where
-# every format has long overflowed, so S stays finite
 def _round_constants(fmt: Format) -> tuple:
-    """(lowest and highest exponent bits, the bits that turn them into S, max_finite) of ``fmt``."""
+    """(lowest and highest exponent bits, the bits that turn them into S, max_finite) of ``fmt``:
+    2**E comes from |x|'s exponent bits (float64 subnormals and zero: 2**min_exp), E capped where
+    every format has long overflowed, so S stays finite."""
     return ((fmt.min_exp + 1023) << 52, (900 + 1023) << 52, ((53 - fmt.precision) << 52) | (1 << 51),
             fmt.max_finite)
 
